@@ -1,0 +1,1 @@
+"""Furnace infer package."""

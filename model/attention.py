@@ -1,0 +1,53 @@
+"""Attention backends: PyTorch SDPA (default) and flash-attn (CUDA, when installed).
+
+The backend is chosen once per process and logged in one line.
+"""
+from __future__ import annotations
+
+import functools
+import logging
+
+import torch
+import torch.nn.functional as F
+
+log = logging.getLogger("furnace")
+
+
+@functools.lru_cache(maxsize=None)
+def _flash_attn_func():
+    try:
+        from flash_attn import flash_attn_func  # noqa: PLC0415
+    except Exception as e:  # ImportError or an ABI error after a torch upgrade
+        log.info(f"attention: SDPA (flash-attn unavailable: {type(e).__name__}: {str(e)[:80]})")
+        return None
+    log.info("attention: flash-attn")
+    return flash_attn_func
+
+
+@functools.lru_cache(maxsize=None)
+def _log_once(msg: str) -> None:
+    log.info(msg)
+
+
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """q: (B, Tq, H, hd); k, v: (B, Tk, Hkv, hd) with Tk >= Tq; query i sits at position Tk-Tq+i.
+    Returns (B, Tq, H, hd)."""
+    B, Tq, H, hd = q.shape
+    Tk, Hkv = k.shape[1], k.shape[2]
+    if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
+        fa = _flash_attn_func()
+        if fa is not None:
+            return fa(q, k, v, causal=True)  # bottom-right aligned causal mask, native GQA
+    _log_once("attention: SDPA")
+    qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H|Hkv, T, hd)
+    gqa = Hkv != H  # SDPA shares each kv head among H // Hkv query heads
+    if Tq == Tk:
+        y = F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, enable_gqa=gqa)
+    elif Tq == 1:
+        y = F.scaled_dot_product_attention(qt, kt, vt, enable_gqa=gqa)        # sees the whole cache
+    else:
+        # Chunked prefill on top of a cache: bottom-right aligned causal mask.
+        i = torch.arange(Tq, device=q.device)[:, None] + (Tk - Tq)
+        j = torch.arange(Tk, device=q.device)[None, :]
+        y = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=j <= i, enable_gqa=gqa)  # mask (Tq, Tk)
+    return y.transpose(1, 2)                                                   # (B, Tq, H, hd)

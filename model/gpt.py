@@ -1,0 +1,192 @@
+"""The GPT core: a Llama-style decoder (RMSNorm, GQA + RoPE, SwiGLU, tied LM head, no biases).
+
+All elementwise / normalisation / loss math goes through `kernels` with one switch
+(`config.kernels`: auto | torch | triton | liger), so every impl gives the same logits and loss.
+
+Init (documented, GPT-2 / nanoGPT style): every Linear and the embedding ~ N(0, init_std=0.02);
+the two residual projections (attn.o_proj, mlp.down_proj) ~ N(0, 0.02 / sqrt(2 * n_layer)) so the
+residual stream's variance does not grow with depth; norm weights = 1.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.utils.checkpoint
+
+import kernels
+from model.attention import causal_attention
+from model.config import GPTConfig
+from model.flops import flops_per_token, matmul_params
+from model.rope import rope_tables
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, cfg: GPTConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        return kernels.rms_norm(x, self.weight, self.cfg.norm_eps, impl=self.cfg.kernels)
+
+
+class KVCache:
+    """Preallocated keys/values for incremental decoding. `pos` = number of positions filled."""
+
+    def __init__(self, cfg: GPTConfig, batch_size: int, max_len: int, device=None, dtype=torch.float32):
+        shape = (cfg.n_layer, batch_size, max_len, cfg.n_kv_head, cfg.head_dim)  # (L, B, Tmax, Hkv, hd)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.max_len = max_len
+        self.pos = 0
+
+    def reset(self):
+        self.pos = 0
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: GPTConfig, layer: int):
+        super().__init__()
+        self.cfg, self.layer = cfg, layer
+        hd, kv_dim = cfg.head_dim, cfg.n_kv_head * cfg.head_dim
+        self.q_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=False)
+        self.k_proj = nn.Linear(cfg.n_embd, kv_dim, bias=False)
+        self.v_proj = nn.Linear(cfg.n_embd, kv_dim, bias=False)
+        self.o_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=False)
+        if cfg.qk_norm:
+            self.q_norm, self.k_norm = RMSNorm(hd, cfg), RMSNorm(hd, cfg)
+
+    def forward(self, x, cos, sin, cache: KVCache | None = None):
+        B, T, _ = x.shape
+        cfg, impl = self.cfg, self.cfg.kernels
+        q = self.q_proj(x).view(B, T, cfg.n_head, cfg.head_dim)      # (B, T, H, hd)
+        k = self.k_proj(x).view(B, T, cfg.n_kv_head, cfg.head_dim)   # (B, T, Hkv, hd)
+        v = self.v_proj(x).view(B, T, cfg.n_kv_head, cfg.head_dim)   # (B, T, Hkv, hd)
+        if cfg.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = kernels.apply_rope(q, cos, sin, impl=impl)
+        k = kernels.apply_rope(k, cos, sin, impl=impl)
+        if cache is not None:
+            p = cache.pos
+            cache.k[self.layer, :B, p:p + T] = k
+            cache.v[self.layer, :B, p:p + T] = v
+            k = cache.k[self.layer, :B, :p + T]                        # (B, p+T, Hkv, hd)
+            v = cache.v[self.layer, :B, :p + T]
+        y = causal_attention(q, k, v)                                  # (B, T, H, hd)
+        return self.o_proj(y.reshape(B, T, cfg.n_embd))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.gate_proj = nn.Linear(cfg.n_embd, cfg.ffn_hidden, bias=False)
+        self.up_proj = nn.Linear(cfg.n_embd, cfg.ffn_hidden, bias=False)
+        self.down_proj = nn.Linear(cfg.ffn_hidden, cfg.n_embd, bias=False)
+
+    def forward(self, x):
+        h = kernels.swiglu(self.gate_proj(x), self.up_proj(x), impl=self.cfg.kernels)  # (B, T, ffn)
+        return self.down_proj(h)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: GPTConfig, layer: int):
+        super().__init__()
+        self.attn_norm = RMSNorm(cfg.n_embd, cfg)
+        self.attn = Attention(cfg, layer)
+        self.mlp_norm = RMSNorm(cfg.n_embd, cfg)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, cos, sin, cache=None):
+        x = x + self.attn(self.attn_norm(x), cos, sin, cache)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class GPT(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.config = cfg = config
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.n_embd)
+        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
+        self.norm = RMSNorm(cfg.n_embd, cfg)
+        self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.embed.weight
+        self.activation_checkpointing = False
+        cos, sin = rope_tables(cfg, cfg.max_seq_len)
+        self.register_buffer("rope_cos", cos, persistent=False)       # (max_seq_len, hd/2) fp32
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self):
+        std = self.config.init_std
+        resid_std = std / math.sqrt(2 * self.config.n_layer)
+        for name, m in self.named_modules():
+            if isinstance(m, (nn.Linear, nn.Embedding)):
+                is_resid = name.endswith("o_proj") or name.endswith("down_proj")
+                nn.init.normal_(m.weight, mean=0.0, std=resid_std if is_resid else std)
+            elif isinstance(m, RMSNorm):
+                nn.init.ones_(m.weight)
+        if self.rope_cos.device.type != "meta":
+            cos, sin = rope_tables(self.config, self.config.max_seq_len, self.rope_cos.device)
+            self.rope_cos.copy_(cos)
+            self.rope_sin.copy_(sin)
+
+    def set_kernels(self, impl: str) -> None:
+        """The one kernel switch: auto | torch | triton | liger."""
+        self.config.kernels = impl
+        self.config.validate()
+
+    def num_params(self) -> int:
+        """Unique parameters (a tied LM head counts once)."""
+        return sum(p.numel() for p in self.parameters())
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs per token: 6N + 12*L*d*T (see model.flops)."""
+        return flops_per_token(self.config, seq_len)
+
+    def matmul_params(self) -> int:
+        return matmul_params(self.config)
+
+    def new_cache(self, batch_size: int = 1, max_len: int | None = None, dtype=None) -> KVCache:
+        p = self.embed.weight
+        return KVCache(self.config, batch_size, max_len or self.config.max_seq_len, p.device, dtype or p.dtype)
+
+    def hidden_states(self, idx: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        """idx: (B, T) int64 -> final-norm hidden states (B, T, d)."""
+        B, T = idx.shape
+        start = cache.pos if cache is not None else 0
+        if start + T > self.config.max_seq_len:
+            raise ValueError(f"sequence of {start + T} positions exceeds max_seq_len={self.config.max_seq_len}")
+        if cache is not None and start + T > cache.max_len:
+            raise ValueError(f"KV cache holds {cache.max_len} positions; {start + T} requested")
+        cos, sin = self.rope_cos[start:start + T], self.rope_sin[start:start + T]  # (T, hd/2)
+        x = self.embed(idx)                                                        # (B, T, d)
+        for block in self.layers:
+            if self.activation_checkpointing and self.training and cache is None:
+                x = torch.utils.checkpoint.checkpoint(block, x, cos, sin, use_reentrant=False)
+            else:
+                x = block(x, cos, sin, cache)
+        if cache is not None:
+            cache.pos += T
+        return self.norm(x)
+
+    def forward(self, idx, targets=None, cache: KVCache | None = None, z_loss: float = 0.0,
+                ignore_index: int = -100, return_logits: bool = False):
+        """idx: (B, T) token ids; targets: (B, T) or None.
+        Returns (logits (B, T, V) or None, loss scalar or None). With targets the loss goes through
+        the fused linear + cross-entropy path and logits are None unless return_logits=True."""
+        h = self.hidden_states(idx, cache)                                         # (B, T, d)
+        if targets is None:
+            return self.lm_head(h), None
+        impl = self.config.kernels
+        if return_logits:
+            logits = self.lm_head(h)                                               # (B, T, V)
+            loss = kernels.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index, z_loss, impl=impl)
+            return logits, loss
+        loss = kernels.fused_linear_cross_entropy(h.flatten(0, 1), self.lm_head.weight, targets.flatten(),
+                                                  ignore_index, z_loss, impl=impl)
+        return None, loss

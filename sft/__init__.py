@@ -1,0 +1,1 @@
+"""Furnace sft package."""
