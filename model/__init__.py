@@ -1,9 +1,21 @@
-"""Furnace model core: config + presets, the GPT, FLOP counting, save/load."""
-from model.config import PRESETS, GPTConfig, get_preset
-from model.errors import FurnaceError
-from model.flops import flops_per_token, mfu, peak_tflops
-from model.gpt import GPT, KVCache
-from model.io import latest_checkpoint, load, save
+"""Furnace model core: config + presets, the GPT, FLOP counting, save/load.
 
-__all__ = ["GPTConfig", "PRESETS", "get_preset", "GPT", "KVCache", "save", "load", "latest_checkpoint",
-           "flops_per_token", "mfu", "peak_tflops", "FurnaceError"]
+Names are imported lazily (PEP 562) so that `from model.errors import FurnaceError` in a CLI that
+does not need torch does not pay for importing it.
+"""
+import importlib
+
+_EXPORTS = {
+    "GPTConfig": "model.config", "PRESETS": "model.config", "get_preset": "model.config",
+    "FurnaceError": "model.errors",
+    "flops_per_token": "model.flops", "mfu": "model.flops", "peak_tflops": "model.flops",
+    "GPT": "model.gpt", "KVCache": "model.gpt",
+    "save": "model.io", "load": "model.io", "latest_checkpoint": "model.io",
+}
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'model' has no attribute {name!r}")

@@ -84,9 +84,9 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
         if p.name != WEIGHTS_FILE:
             raise FurnaceError(f"checkpoint {p}: expected a directory or a {WEIGHTS_FILE} file")
         p = p.parent
-    if (p / WEIGHTS_FILE).is_file() or (p / CONFIG_FILE).is_file():
+    if (p / WEIGHTS_FILE).is_file():
         return p
-    latest = latest_checkpoint(p)
+    latest = latest_checkpoint(p)  # a training run dir: its newest complete checkpoint
     if latest is None:
         raise FurnaceError(f"checkpoint {p}: found neither {CONFIG_FILE} + {WEIGHTS_FILE} "
                            f"nor a complete checkpoints/step_* folder")

@@ -1,0 +1,154 @@
+"""train/pretrain.py end to end on CPU: the job, exact resume after SIGKILL, DDP, FP8 (torchao), bad input."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = str(ROOT / "train" / "pretrain.py")
+FAST = ["--preset", "tiny", "--batch-size", "4", "--seq-len", "64", "--lr", "3e-3", "--warmup", "2",
+        "--log-every", "1", "--eval-tokens", "512"]
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    """A small corpus of real text (some stdlib modules), prepared with a small BPE."""
+    from data import prepare
+    import string, textwrap, json as _json, argparse as _argparse
+    src = tmp_path_factory.mktemp("corpus")
+    for mod in (string, textwrap, _json.decoder, _argparse):
+        (src / (mod.__name__.replace(".", "_") + ".py")).write_text(Path(mod.__file__).read_text())
+    out = tmp_path_factory.mktemp("data") / "small"
+    prepare(out, sources=[str(src)], tokenizer="train:512", val_fraction=0.25, progress=False)
+    return out
+
+
+def run(args, cwd=None, env=None, check=True, timeout=300):
+    e = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    p = subprocess.run([sys.executable, SCRIPT, *args], cwd=cwd or ROOT, env=e, capture_output=True, text=True,
+                       timeout=timeout)
+    if check and p.returncode != 0:
+        raise AssertionError(f"exit {p.returncode}\n{p.stdout}\n{p.stderr}")
+    return p
+
+
+def losses(run_dir):
+    recs = [json.loads(ln) for ln in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in recs if "loss" in r}
+
+
+def test_job_trains_evaluates_and_writes_a_loadable_checkpoint(tmp_path, data_dir):
+    out = tmp_path / "run"
+    p = run([*FAST, "--data", str(data_dir), "--out", str(out), "--max-steps", "12", "--eval-every", "6"])
+    recs = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in recs if "loss" in r]
+    assert [r["step"] for r in steps] == list(range(1, 13))
+    assert all({"step", "loss", "lr", "tokens_per_s"} <= r.keys() for r in steps)
+    assert "mfu" not in steps[0]                       # unknown peak on CPU: no made-up MFU
+    vals = {r["step"]: r["val_loss"] for r in recs if "val_loss" in r}
+    assert list(vals) == [0, 6, 12] and vals[12] < vals[0] - 0.3   # evaluated before, during, after; it learned
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["train"]["max_steps"] == 12 and "torch" in cfg["versions"] and "device" in cfg
+    from data import load_tokenizer
+    from model import load
+    m = load(out)                                      # the run dir -> its newest checkpoint
+    tok = load_tokenizer(out / "checkpoints" / "step_00000012")
+    assert m.config.vocab_size % 64 == 0 and m.config.vocab_size >= tok.vocab_size
+    ids = torch.tensor([tok.encode("def main():\n    return")])
+    logits, _ = m(ids)
+    assert torch.isfinite(logits).all()
+    assert "Traceback" not in p.stderr
+
+
+def test_resume_after_sigkill_reproduces_losses_exactly(tmp_path, data_dir):
+    common = [*FAST, "--data", str(data_dir), "--max-steps", "10", "--save-every", "3", "--keep-last", "2"]
+    run([*common, "--out", str(tmp_path / "a")])
+    killed = run([*common, "--out", str(tmp_path / "b")], env={"FURNACE_TEST_SIGKILL_AT_STEP": "7"}, check=False)
+    assert killed.returncode == -9                                  # really killed, mid-run
+    ck = sorted(p.name for p in (tmp_path / "b" / "checkpoints").iterdir())
+    assert ck == ["step_00000003", "step_00000006"]                 # keep-last 2; nothing after step 6
+    assert max(losses(tmp_path / "b")) == 7                         # step 7 was logged, then the kill
+    run([*common, "--out", str(tmp_path / "b"), "--resume"])
+    a, b = losses(tmp_path / "a"), losses(tmp_path / "b")
+    assert list(b) == list(range(1, 11))                            # the killed tail was replaced, not doubled
+    assert a == b                                                   # bit-identical per-step losses
+
+
+def test_out_dir_with_another_run_is_refused_and_untouched(tmp_path, data_dir):
+    out = tmp_path / "run"
+    run([*FAST, "--data", str(data_dir), "--out", str(out), "--max-steps", "2"])
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
+    p = run([*FAST, "--data", str(data_dir), "--out", str(out), "--max-steps", "2"], check=False)
+    assert p.returncode != 0 and "already holds a training run" in p.stderr and "Traceback" not in p.stderr
+    p = run([*FAST, "--data", str(data_dir), "--out", str(out), "--max-steps", "4", "--lr", "1e-3", "--resume"],
+            check=False)
+    assert p.returncode != 0 and "lr" in p.stderr and "Traceback" not in p.stderr
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == before
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--data", "/nonexistent/folder"], "/nonexistent/folder"),
+    (["--seq-len", "4096"], "exceeds the model's context"),
+    (["--fp8", "--fp8-backend", "te", "--fp8-strict"], "--fp8-strict"),
+    (["--grad-accum", "0"], "--grad-accum"),
+    (["--config", "/nonexistent.toml"], "--config"),
+])
+def test_bad_input_one_line_error(tmp_path, data_dir, args, message):
+    base = [*FAST, "--data", str(data_dir), "--out", str(tmp_path / "r"), "--max-steps", "1"]
+    p = run([*base, *args], check=False)
+    assert p.returncode != 0, p.stdout + p.stderr
+    assert message in p.stderr and "Traceback" not in p.stderr
+
+
+def test_empty_data_folder(tmp_path):
+    (tmp_path / "empty").mkdir()
+    p = run(["--data", str(tmp_path / "empty"), "--out", str(tmp_path / "r"), "--max-steps", "1"], check=False)
+    assert p.returncode != 0 and str(tmp_path / "empty") in p.stderr and "Traceback" not in p.stderr
+
+
+def test_tokenizer_mismatch_with_init(tmp_path, data_dir):
+    from data import prepare
+    src = tmp_path / "other"
+    src.mkdir()
+    (src / "a.txt").write_text("completely different text " * 200)
+    (src / "b.txt").write_text("another document with other words " * 200)
+    other = tmp_path / "other_data"
+    prepare(other, sources=[str(src)], tokenizer="train:300", val_fraction=0.5, progress=False)
+    run([*FAST, "--data", str(other), "--out", str(tmp_path / "r1"), "--max-steps", "1"])
+    p = run([*FAST, "--data", str(data_dir), "--out", str(tmp_path / "r2"), "--max-steps", "1",
+             "--init", str(tmp_path / "r1")], check=False)
+    assert p.returncode != 0 and "tokenizer" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_fp8_torchao_on_cpu_tracks_full_precision(tmp_path, data_dir):
+    common = [*FAST, "--data", str(data_dir), "--max-steps", "30", "--eval-every", "0"]
+    run([*common, "--out", str(tmp_path / "fp32")])
+    p = run([*common, "--out", str(tmp_path / "fp8"), "--fp8", "--fp8-backend", "torchao", "--fp8-strict"])
+    assert "torchao" in p.stderr
+    cfg = json.loads((tmp_path / "fp8" / "config.json").read_text())
+    assert cfg["precision"]["name"] == "fp8-torchao" and cfg["precision"]["fp8_layers"] == 4 * 7
+    a, b = losses(tmp_path / "fp32"), losses(tmp_path / "fp8")
+    assert a[30] < a[1] - 1.0                               # it trains
+    assert abs(b[30] - a[30]) / a[30] < 0.05                # FP8 ends within 5% of fp32
+    assert b != a                                           # and really ran a different (FP8) path
+    from model import load
+    load(tmp_path / "fp8")                                  # an FP8-trained model loads as a plain GPT
+
+
+def test_ddp_two_processes_on_cpu(tmp_path, data_dir):
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
+           SCRIPT, *FAST, "--data", str(data_dir), "--out", str(out), "--max-steps", "4"]
+    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "DDP: 2 processes, backend gloo" in p.stderr
+    recs = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines() if '"loss"' in ln]
+    assert [r["step"] for r in recs] == [1, 2, 3, 4]        # one writer: rank 0
+    assert recs[0]["tokens"] == 2 * 4 * 64                  # both ranks' targets counted
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["world_size"] == 2

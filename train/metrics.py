@@ -1,0 +1,117 @@
+"""Per-step metrics: console line, OUT/metrics.jsonl (one JSON object per line), wandb, loss plot."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger("furnace")
+
+
+class StepTimer:
+    """Wall time of the training step only, with device synchronisation (eval and checkpoints excluded)."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+
+    def _sync(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def start(self):
+        self._sync()
+        self.t0 = time.perf_counter()
+
+    def stop(self) -> float:
+        self._sync()
+        return time.perf_counter() - self.t0
+
+
+class MetricsLog:
+    """Rank 0 only. Appends to OUT/metrics.jsonl; mirrors to wandb when enabled."""
+
+    def __init__(self, run_dir: Path, enabled: bool, wandb_run=None):
+        self.path = run_dir / "metrics.jsonl"
+        self.enabled = enabled
+        self.wandb = wandb_run
+        self._f = open(self.path, "a") if enabled else None
+
+    def write(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        rec = {k: (round(v, 6) if isinstance(v, float) else v) for k, v in record.items() if v is not None}
+        self._f.write(json.dumps(rec) + "\n")
+        self._f.flush()
+        if self.wandb is not None:
+            self.wandb.log({k: v for k, v in rec.items() if k != "step"}, step=rec.get("step"))
+
+    def close(self):
+        if self._f:
+            self._f.close()
+
+
+def format_step(rec: dict) -> str:
+    parts = [f"step {rec['step']}", f"loss {rec['loss']:.4f}", f"lr {rec['lr']:.2e}"]
+    if rec.get("grad_norm") is not None:
+        parts.append(f"gnorm {rec['grad_norm']:.2f}")
+    parts.append(f"{rec['tokens_per_s']:,.0f} tok/s")
+    if rec.get("mfu") is not None:
+        parts.append(f"MFU {100 * rec['mfu']:.1f}%")
+    if rec.get("peak_mem_gb") is not None:
+        parts.append(f"mem {rec['peak_mem_gb']:.2f} GB")
+    return " | ".join(parts)
+
+
+def init_wandb(opts, run_dir: Path, run_id: str | None, config: dict):
+    """Start or resume (same id) a wandb run; honours WANDB_MODE=offline. Returns (run, id)."""
+    try:
+        import wandb
+    except ImportError:
+        from model.errors import FurnaceError
+        raise FurnaceError("--wandb needs the wandb package: pip install wandb (or pip install -e '.[log]')") from None
+    run = wandb.init(project=opts.wandb_project, id=run_id, resume="allow", dir=str(run_dir),
+                     config=config, name=run_dir.name)
+    return run, run.id
+
+
+def plot_losses(run_dir: Path) -> Path | None:
+    """OUT/loss.png from metrics.jsonl when matplotlib is present."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        log.info("loss plot skipped: matplotlib not installed")
+        return None
+    steps, losses, vsteps, vlosses = [], [], [], []
+    for ln in (run_dir / "metrics.jsonl").read_text().splitlines():
+        r = json.loads(ln)
+        if "loss" in r:
+            steps.append(r["step"]); losses.append(r["loss"])
+        if "val_loss" in r:
+            vsteps.append(r["step"]); vlosses.append(r["val_loss"])
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot(steps, losses, label="train", lw=1)
+    if vsteps:
+        ax.plot(vsteps, vlosses, "o-", label="val")
+    ax.set_xlabel("step"); ax.set_ylabel("loss"); ax.legend(); ax.grid(alpha=0.3)
+    out = run_dir / "loss.png"
+    fig.savefig(out, dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    return out
+
+
+def versions() -> dict:
+    """Installed versions of the libraries that decide speed and numerics (no imports needed)."""
+    from importlib.metadata import PackageNotFoundError, version
+    v = {"python": os.sys.version.split()[0], "torch": torch.__version__}
+    for pkg in ("triton", "transformer-engine", "torchao", "liger-kernel", "flash-attn", "numpy", "tokenizers"):
+        try:
+            v[pkg] = version(pkg)
+        except PackageNotFoundError:
+            v[pkg] = None
+    return v
