@@ -29,11 +29,21 @@ def _log_once(msg: str) -> None:
     log.info(msg)
 
 
-def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                     doc_ids: torch.Tensor | None = None) -> torch.Tensor:
     """q: (B, Tq, H, hd); k, v: (B, Tk, Hkv, hd) with Tk >= Tq; query i sits at position Tk-Tq+i.
+    doc_ids: optional (B, T) ids of the packed document each position belongs to (Tq == Tk): a query
+    then attends only to earlier positions of its own document (document masking).
     Returns (B, Tq, H, hd)."""
     B, Tq, H, hd = q.shape
     Tk, Hkv = k.shape[1], k.shape[2]
+    if doc_ids is not None:
+        qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H|Hkv, T, hd)
+        causal = torch.ones(Tq, Tk, dtype=torch.bool, device=q.device).tril()
+        same_doc = doc_ids[:, :, None] == doc_ids[:, None, :]                  # (B, T, T)
+        mask = (causal & same_doc)[:, None]                                    # (B, 1, T, T)
+        y = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask, enable_gqa=Hkv != H)
+        return y.transpose(1, 2)
     if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
         fa = _flash_attn_func()
         if fa is not None:

@@ -58,7 +58,7 @@ class Attention(nn.Module):
         if cfg.qk_norm:
             self.q_norm, self.k_norm = RMSNorm(hd, cfg), RMSNorm(hd, cfg)
 
-    def forward(self, x, cos, sin, cache: KVCache | None = None):
+    def forward(self, x, cos, sin, cache: KVCache | None = None, doc_ids=None):
         B, T, _ = x.shape
         cfg, impl = self.cfg, self.cfg.kernels
         q = self.q_proj(x).view(B, T, cfg.n_head, cfg.head_dim)      # (B, T, H, hd)
@@ -74,7 +74,7 @@ class Attention(nn.Module):
             cache.v[self.layer, :B, p:p + T] = v
             k = cache.k[self.layer, :B, :p + T]                        # (B, p+T, Hkv, hd)
             v = cache.v[self.layer, :B, :p + T]
-        y = causal_attention(q, k, v)                                  # (B, T, H, hd)
+        y = causal_attention(q, k, v, doc_ids)                         # (B, T, H, hd)
         return self.o_proj(y.reshape(B, T, cfg.n_embd))
 
 
@@ -99,8 +99,8 @@ class Block(nn.Module):
         self.mlp_norm = RMSNorm(cfg.n_embd, cfg)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin, cache=None):
-        x = x + self.attn(self.attn_norm(x), cos, sin, cache)
+    def forward(self, x, cos, sin, cache=None, doc_ids=None):
+        x = x + self.attn(self.attn_norm(x), cos, sin, cache, doc_ids)
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -155,8 +155,8 @@ class GPT(nn.Module):
         p = self.embed.weight
         return KVCache(self.config, batch_size, max_len or self.config.max_seq_len, p.device, dtype or p.dtype)
 
-    def hidden_states(self, idx: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
-        """idx: (B, T) int64 -> final-norm hidden states (B, T, d)."""
+    def hidden_states(self, idx: torch.Tensor, cache: KVCache | None = None, doc_ids=None) -> torch.Tensor:
+        """idx: (B, T) int64 -> final-norm hidden states (B, T, d). doc_ids: see forward."""
         B, T = idx.shape
         start = cache.pos if cache is not None else 0
         if start + T > self.config.max_seq_len:
@@ -167,19 +167,23 @@ class GPT(nn.Module):
         x = self.embed(idx)                                                        # (B, T, d)
         for block in self.layers:
             if self.activation_checkpointing and self.training and cache is None:
-                x = torch.utils.checkpoint.checkpoint(block, x, cos, sin, use_reentrant=False)
+                x = torch.utils.checkpoint.checkpoint(block, x, cos, sin, None, doc_ids, use_reentrant=False)
             else:
-                x = block(x, cos, sin, cache)
+                x = block(x, cos, sin, cache, doc_ids)
         if cache is not None:
             cache.pos += T
         return self.norm(x)
 
     def forward(self, idx, targets=None, cache: KVCache | None = None, z_loss: float = 0.0,
-                ignore_index: int = -100, return_logits: bool = False):
-        """idx: (B, T) token ids; targets: (B, T) or None.
+                ignore_index: int = -100, return_logits: bool = False, doc_ids=None):
+        """idx: (B, T) token ids; targets: (B, T) or None; doc_ids: optional (B, T) ids of packed
+        documents (SFT packing): attention never crosses a document boundary. RoPE is relative, so
+        a document sees the same relative positions wherever it is packed; no position reset needed.
         Returns (logits (B, T, V) or None, loss scalar or None). With targets the loss goes through
         the fused linear + cross-entropy path and logits are None unless return_logits=True."""
-        h = self.hidden_states(idx, cache)                                         # (B, T, d)
+        if doc_ids is not None and cache is not None:
+            raise ValueError("doc_ids (packed training batches) cannot be combined with a KV cache")
+        h = self.hidden_states(idx, cache, doc_ids)                                # (B, T, d)
         if targets is None:
             return self.lm_head(h), None
         impl = self.config.kernels

@@ -196,3 +196,16 @@ def test_tiny_overfits_one_batch():
         opt.step()
     assert first > math.log(97) - 0.5
     assert loss.item() < 0.1
+
+
+def test_document_masking_equals_separate_sequences():
+    m = small_model()
+    a, b = torch.randint(0, 97, (1, 7)), torch.randint(0, 97, (1, 12))
+    packed = torch.cat([a, b], dim=1)                                  # (1, 19)
+    doc_ids = torch.tensor([[0] * 7 + [1] * 12])
+    with torch.no_grad():
+        out, _ = m(packed, doc_ids=doc_ids)
+        ref_a, _ = m(a)
+        ref_b, _ = m(b)
+    torch.testing.assert_close(out[:, :7], ref_a, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out[:, 7:], ref_b, rtol=1e-5, atol=1e-5)   # same logits as if alone
