@@ -1,4 +1,4 @@
-"""Furnace kernels: public API. Each op has impl="torch" (reference), "triton", "liger", "auto"."""
+"""Furnace kernels: public API. Each op has impl="torch" (reference), "triton", "liger", "auto" (see kernels/README.md)."""
 from kernels.cross_entropy import cross_entropy
 from kernels.fused_linear_cross_entropy import fused_linear_cross_entropy
 from kernels.rms_norm import rms_norm
