@@ -32,14 +32,11 @@ from kernels.rope import apply_rope_ref  # noqa: E402
 from kernels.swiglu import swiglu_ref  # noqa: E402
 from model.config import get_preset  # noqa: E402
 from model.errors import FurnaceError, run_cli  # noqa: E402
-from model.flops import device_peak_name  # noqa: E402
+from model.flops import PEAK_GBPS, device_peak_name  # noqa: E402
 
 log = logging.getLogger("furnace")
 ROOT = Path(__file__).resolve().parents[1]
 
-# Peak memory bandwidth, GB/s (FIELD_NOTES / vendor spec sheets), keyed by model.flops.device_peak_name.
-PEAK_GBPS = {"RTX 4090": 1008.0, "RTX 5090": 1792.0, "H100 SXM": 3350.0, "H100 PCIe": 2000.0,
-             "H200": 4800.0, "A100": 2039.0}
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 

@@ -13,20 +13,29 @@ import torch.nn.functional as F
 log = logging.getLogger("furnace")
 
 
-@functools.lru_cache(maxsize=None)
-def _flash_attn_func():
+def _load_flash_attn():
+    """flash_attn_func, or (None, reason). Resolved once, at import, on CUDA machines only, so that
+    no import or logging happens inside a torch.compile'd forward."""
+    if not torch.cuda.is_available():
+        return None, "no CUDA"
     try:
         from flash_attn import flash_attn_func  # noqa: PLC0415
-    except Exception as e:  # ImportError or an ABI error after a torch upgrade
-        log.info(f"attention: SDPA (flash-attn unavailable: {type(e).__name__}: {str(e)[:80]})")
-        return None
-    log.info("attention: flash-attn")
-    return flash_attn_func
+    except Exception as e:  # ImportError, or an ABI error after a torch upgrade
+        return None, f"flash-attn unavailable: {type(e).__name__}: {str(e)[:80]}"
+    return flash_attn_func, ""
+
+
+_FLASH_ATTN, _FLASH_ATTN_WHY = _load_flash_attn()
 
 
 @functools.lru_cache(maxsize=None)
-def _log_once(msg: str) -> None:
+def _log_once_cached(msg: str) -> None:
     log.info(msg)
+
+
+def _log_once(msg: str) -> None:
+    if not torch.compiler.is_compiling():  # logging inside a compiled region would break the graph
+        _log_once_cached(msg)
 
 
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -45,10 +54,10 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         y = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask, enable_gqa=Hkv != H)
         return y.transpose(1, 2)
     if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
-        fa = _flash_attn_func()
-        if fa is not None:
-            return fa(q, k, v, causal=True)  # bottom-right aligned causal mask, native GQA
-    _log_once("attention: SDPA")
+        if _FLASH_ATTN is not None:
+            _log_once("attention: flash-attn")
+            return _FLASH_ATTN(q, k, v, causal=True)  # bottom-right aligned causal mask, native GQA
+    _log_once(f"attention: SDPA ({_FLASH_ATTN_WHY or 'flash-attn needs bf16/fp16 CUDA tensors'})")
     qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H|Hkv, T, hd)
     gqa = Hkv != H  # SDPA shares each kv head among H // Hkv query heads
     if Tq == Tk:

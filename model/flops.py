@@ -21,6 +21,11 @@ PEAK_TFLOPS: dict[str, tuple[float, float | None]] = {
 }
 
 
+# Peak memory bandwidth in GB/s (kernel benchmarks report % of it). Sources in bench/README.md.
+PEAK_GBPS: dict[str, float] = {"RTX 4090": 1008.0, "RTX 5090": 1792.0, "H100 SXM": 3350.0, "H100 PCIe": 2000.0,
+                               "H200": 4800.0, "A100": 2039.0}
+
+
 def matmul_params(cfg: GPTConfig) -> int:
     d, kv = cfg.n_embd, cfg.n_kv_head * cfg.head_dim
     per_layer = 2 * d * d + 2 * d * kv + 3 * d * cfg.ffn_hidden   # q, o; k, v; gate, up, down
@@ -57,8 +62,20 @@ def peak_tflops(device_name: str, precision: str = "bf16") -> float | None:
     return fp8 if precision == "fp8" else bf16
 
 
-def mfu(flops_per_tok: float, tokens_per_s: float, peak_tflops_: float | None) -> float | None:
-    """Model FLOPs utilisation in [0, 1], or None when the peak is unknown."""
+def mfu(flops_per_tok: float, tokens_per_s: float, peak_tflops_: float | None,
+        limit: float = 1.0) -> float | None:
+    """Model FLOPs utilisation, or None when the peak is unknown.
+
+    `tokens_per_s` is per device. No device beats its dense peak, so a value above `limit` (1: `peak_tflops_`
+    is the peak of the precision that ran) is a bug, a step timed without synchronisation, tokens of several
+    devices over one device's peak, or a wrong peak, and raises ValueError instead of being reported. An FP8
+    run expressed against the BF16 peak passes limit = fp8_peak / bf16_peak."""
     if not peak_tflops_ or tokens_per_s <= 0:
         return None
-    return flops_per_tok * tokens_per_s / (peak_tflops_ * 1e12)
+    u = flops_per_tok * tokens_per_s / (peak_tflops_ * 1e12)
+    if u > limit:
+        raise ValueError(f"MFU {100 * u:.1f}% exceeds the possible {100 * limit:.0f}% ({tokens_per_s:.4g} tok/s x "
+                         f"{flops_per_tok:.4g} FLOP/token vs {peak_tflops_} TFLOP/s): the step time is wrong "
+                         "(missing device synchronisation?), tokens are counted over several devices, or the "
+                         "peak is wrong")
+    return u
