@@ -1,0 +1,33 @@
+"""CPU generation speed: time to first token and decode tokens/s for our generate (fp32, bf16, int8) next to
+Hugging Face transformers' generate on the same weights (exported by infer/hf_export.py), with the
+memory-bandwidth bound: measured matrix-vector GB/s / weight bytes read per token.
+
+    python bench/generate.py                       # presets 26m and 112m, random weights
+    python bench/generate.py --presets 26m --new-tokens 32 --repeats 2
+The last stdout line is one JSON document with every number and the conditions.
+"""
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import argparse  # noqa: E402
+
+from bench.generate_bench import run_bench  # noqa: E402
+from model.errors import run_cli  # noqa: E402
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--presets", default="26m,112m")
+    p.add_argument("--dtypes", default="fp32,bf16,int8")
+    p.add_argument("--hf-dtypes", default="fp32,bf16", help="transformers dtypes to compare ('' = skip)")
+    p.add_argument("--prompt-len", type=int, default=128)
+    p.add_argument("--new-tokens", type=int, default=64)
+    p.add_argument("--repeats", type=int, default=3, help="timed runs per setting (after one warm-up)")
+    p.add_argument("--threads", type=int, default=None, help="default: physical cores")
+    return run_bench(p.parse_args(argv))
+
+
+if __name__ == "__main__":
+    run_cli(main)
