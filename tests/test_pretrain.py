@@ -152,3 +152,66 @@ def test_ddp_two_processes_on_cpu(tmp_path, data_dir):
     assert recs[0]["tokens"] == 2 * 4 * 64                  # both ranks' targets counted
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["world_size"] == 2
+
+
+def test_default_job_without_arguments_prepares_the_embedded_corpus(tmp_path, monkeypatch):
+    """The no-argument path, on a 12-file slice of the stdlib so it stays fast."""
+    import functools
+    import data.build
+    import train.pretraining as tp
+    from train.options import TrainOptions
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(tp, "prepare", functools.partial(data.build.prepare, max_files=12, progress=False))
+    opts = TrainOptions(max_steps=3, batch_size=2, seq_len=32)   # everything else: the defaults
+    summary = tp.run(opts)
+    assert (tmp_path / "runs" / "data" / "stdlib-bpe4096" / "manifest.json").is_file()
+    run_dir = tmp_path / "runs" / "tiny-stdlib-bpe4096"
+    assert summary["steps"] == 3 and Path(summary["checkpoint"]).resolve().parent.parent == run_dir
+    assert "val_loss" in summary and (run_dir / "loss.png").is_file()
+    from model import load
+    assert load(run_dir).config.n_layer == 4                         # the tiny preset
+    tp.run(TrainOptions(max_steps=1, batch_size=2, seq_len=32))      # a second default run: a new folder
+    assert (tmp_path / "runs" / "tiny-stdlib-bpe4096-2" / "checkpoints").is_dir()
+
+
+def test_ctrl_c_saves_and_exits_cleanly(tmp_path, data_dir):
+    import signal
+    import time
+    out = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, SCRIPT, *FAST, "--data", str(data_dir), "--out", str(out),
+                             "--max-steps", "100000"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not (out / "metrics.jsonl").is_file():
+        time.sleep(0.2)
+    while time.time() < deadline and len((out / "metrics.jsonl").read_text().splitlines()) < 3:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err[-2000:]
+    assert "Traceback" not in err
+    last = max(losses(out))
+    assert (out / "checkpoints" / f"step_{last:08d}" / "trainer_state.pt").is_file()   # saved at the last step
+
+
+def test_init_with_rope_scaling_extends_context(tmp_path, data_dir):
+    run([*FAST, "--data", str(data_dir), "--out", str(tmp_path / "base"), "--max-steps", "2"])
+    run(["--preset", "tiny", "--data", str(data_dir), "--out", str(tmp_path / "long"), "--max-steps", "1",
+         "--batch-size", "1", "--seq-len", "700", "--init", str(tmp_path / "base"),
+         "--rope-scaling", "yarn", "--rope-factor", "2", "--eval-tokens", "700"])
+    from model import load
+    cfg = load(tmp_path / "long").config
+    assert (cfg.max_seq_len, cfg.rope_scaling, cfg.rope_factor, cfg.rope_original_max_seq_len) == (1024, "yarn", 2.0, 512)
+
+
+def test_wandb_offline_resumes_the_same_run(tmp_path, data_dir):
+    env = {"WANDB_MODE": "offline", "WANDB_SILENT": "true"}
+    common = [*FAST, "--data", str(data_dir), "--out", str(tmp_path / "r"), "--wandb", "--save-every", "2"]
+    run([*common, "--max-steps", "2"], env=env)
+    first = torch.load(tmp_path / "r" / "checkpoints" / "step_00000002" / "trainer_state.pt", weights_only=False)
+    run([*common, "--max-steps", "3", "--resume"], env=env)
+    second = torch.load(tmp_path / "r" / "checkpoints" / "step_00000003" / "trainer_state.pt", weights_only=False)
+    run_id = first["extra"]["wandb_id"]
+    assert run_id and second["extra"]["wandb_id"] == run_id
+    runs = sorted(p.name for p in (tmp_path / "r" / "wandb").glob("offline-run-*"))
+    assert len(runs) == 2 and all(name.endswith(run_id) for name in runs)

@@ -30,6 +30,8 @@ from train.optim import lr_at, set_lr
 from train.precision import Precision
 
 log = logging.getLogger("furnace")
+
+
 TIMING_WARMUP = 3
 _KILL_AT_STEP = int(os.environ.get("FURNACE_TEST_SIGKILL_AT_STEP", "-1"))  # steps excluded from the run's summary tokens/s (allocator, compile, autotune)
 
@@ -135,12 +137,15 @@ class Trainer:
         counts = [self.count_fn(b) for b in batches]
         n_global = int(self._all_sum(torch.tensor(float(sum(counts)), device=self.device)).item())
         loss_sum = torch.zeros((), device=self.device)
+        extra: dict[str, float] = {}  # loss_fn's own metrics (e.g. DPO reward accuracy), weighted like the loss
         for i, (b, n) in enumerate(zip(batches, counts)):
             sync = self.world == 1 or i == len(batches) - 1
             ctx = contextlib.nullcontext() if sync else model.no_sync()
             with ctx:
                 with self.prec.autocast(self.device.type):
-                    loss, _ = self.loss_fn(model, b)
+                    loss, mets = self.loss_fn(model, b)
+                for k, v in mets.items():
+                    extra[k] = extra.get(k, 0.0) + float(v) * n / max(sum(counts), 1)
                 # DDP averages gradients over ranks, hence the world-size factor.
                 scaled = loss.float() * (n * self.world / max(n_global, 1))
                 (self.scaler.scale(scaled) if self.scaler else scaled).backward()
@@ -170,7 +175,8 @@ class Trainer:
         self.opt.zero_grad(set_to_none=True)
         self.state.step += 1
         self.state.tokens += n_global
-        return {"loss": loss_val, "lr": lr, "grad_norm": gnorm, "skipped": not finite, "n_tokens": n_global}
+        return {"loss": loss_val, "lr": lr, "grad_norm": gnorm, "skipped": not finite, "n_tokens": n_global,
+                "metrics": extra}
 
     @torch.no_grad()
     def _update_ema(self):
@@ -229,7 +235,7 @@ class Trainer:
                     bar.update(1)
                     bar.set_postfix_str(format_step(rec).split(" | ", 1)[1])
                 elif is_main and (st.step % cfg.log_every == 0 or st.step == 1):
-                    log.info(format_step(rec))
+                    log.info(format_step(rec, extra=tuple(out.get("metrics", {}))))
                 if out["skipped"]:
                     self._on_bad_step(out)
                 if self._stop_requested(stop):
@@ -279,13 +285,22 @@ class Trainer:
         rec = {"step": self.state.step, "loss": out["loss"], "lr": out["lr"], "grad_norm": out["grad_norm"],
                "tokens_per_s": tps, "tokens": self.state.tokens, "step_ms": 1000 * dt}
         if self.cfg.flops_per_token and self.cfg.peak_tflops:
-            rec["mfu"] = compute_mfu(self.cfg.flops_per_token, tps, self.cfg.peak_tflops)
-            if self.prec.fp8 and self.cfg.peak_tflops_fp8:
-                rec["mfu_fp8_peak"] = compute_mfu(self.cfg.flops_per_token, tps, self.cfg.peak_tflops_fp8)
+            peak8 = self.cfg.peak_tflops_fp8 if self.prec.fp8 else None
+            try:  # vs the BF16 peak; an FP8 run may go past it, up to the FP8 peak
+                per_device = tps / self.world  # the peak is one device's
+                rec["mfu"] = compute_mfu(self.cfg.flops_per_token, per_device, self.cfg.peak_tflops,
+                                         limit=peak8 / self.cfg.peak_tflops if peak8 else 1.0)
+                if peak8:
+                    rec["mfu_fp8_peak"] = compute_mfu(self.cfg.flops_per_token, per_device, peak8)
+            except ValueError as e:  # an impossible MFU is a measurement bug: say so once, never log the number
+                if not getattr(self, "_mfu_warned", False):
+                    log.warning(f"MFU not reported: {e}")
+                    self._mfu_warned = True
         if self.device.type == "cuda":
             rec["peak_mem_gb"] = torch.cuda.max_memory_allocated(self.device) / 1e9
         if out["skipped"]:
             rec["skipped"] = True
+        rec.update(out.get("metrics", {}))
         return rec
 
     def _log_eval(self) -> dict:

@@ -54,8 +54,10 @@ class MetricsLog:
             self._f.close()
 
 
-def format_step(rec: dict) -> str:
-    parts = [f"step {rec['step']}", f"loss {rec['loss']:.4f}", f"lr {rec['lr']:.2e}"]
+def format_step(rec: dict, extra: tuple[str, ...] = ()) -> str:
+    """One console line; `extra` names further float fields of `rec` to show (a loss_fn's own metrics)."""
+    parts = [f"step {rec['step']}", f"loss {rec['loss']:.4f}", *(f"{k} {rec[k]:.4f}" for k in extra if k in rec),
+             f"lr {rec['lr']:.2e}"]
     if rec.get("grad_norm") is not None:
         parts.append(f"gnorm {rec['grad_norm']:.2f}")
     parts.append(f"{rec['tokens_per_s']:,.0f} tok/s")

@@ -113,7 +113,19 @@ def add_arguments(ap: argparse.ArgumentParser, defaults: TrainOptions | None = N
             ap.add_argument(flag, action="store_true", default=None, help=f"(default: off)")
         else:
             kw = {"choices": [c for c in _CHOICES[f.name] if c]} if f.name in _CHOICES else {}
-            ap.add_argument(flag, type=type(default), default=None, help=f"(default: {default!r})", **kw)
+            typ = _count if isinstance(default, int) else type(default)
+            ap.add_argument(flag, type=typ, default=None, help=f"(default: {default!r})", **kw)
+
+
+def _count(text: str) -> int:
+    """Integers, also written as 2e9 or 2_000_000."""
+    try:
+        v = float(text.replace("_", ""))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if v != int(v):
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}")
+    return int(v)
 
 
 def options_from_args(args: argparse.Namespace, defaults: TrainOptions | None = None) -> TrainOptions:

@@ -5,21 +5,17 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-import torch
-from safetensors.torch import load_file
-
 from data import TokenLoader, check_tokenizer_match, load_tokenizer, parse_data_arg, prepare
 from data.build import DEFAULT_DATA_DIR as DEFAULT_DATA
 from model.config import get_preset
 from model.errors import FurnaceError
-from model.io import load as load_model, resolve_checkpoint
-from train.checkpoint import check_out_dir, load_trainer_state, truncate_metrics
-from train.loop import Trainer, lm_loss
-from train.metrics import MetricsLog, init_wandb, plot_losses
-from train.optim import build_optimizer
+from model.io import resolve_checkpoint
+from train.checkpoint import check_out_dir
+from train.loop import lm_loss
 from train.options import RUN_DEFINING, TrainOptions
+from train.runner import run_loop
 from train.setup import (Runtime, build_model, check_seq_len, default_out, init_runtime, latest_default_out,
-                         loop_config, pad_vocab, wrap_model, write_run_config)
+                         pad_vocab)
 
 log = logging.getLogger("furnace")
 CPU_DEFAULTS = dict(preset="tiny", batch_size=8, seq_len=256, max_steps=300)
@@ -95,47 +91,18 @@ def _run(opts: TrainOptions, rt: Runtime) -> dict:
     if loader.vocab_size > model.config.vocab_size:
         raise FurnaceError(f"--init model has vocab {model.config.vocab_size} < the data tokenizer's {loader.vocab_size}")
 
-    if resume_ckpt is not None:
-        model.load_state_dict(load_model(resume_ckpt).state_dict())
-    wrapped = wrap_model(model, opts, rt)
-    optimizer = build_optimizer(model, opts.lr, opts.weight_decay, rt.device.type)
-    eval_batches = max(1, opts.eval_tokens // (opts.batch_size * opts.seq_len))
-    lcfg = loop_config(opts, model, opts.seq_len, rt, opts.max_steps, eval_batches)
-
-    wandb_run = None
-    state = load_trainer_state(resume_ckpt) if resume_ckpt is not None else None
-    if rt.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        if state is not None:
-            truncate_metrics(run_dir / "metrics.jsonl", state["step"])
-        else:
-            write_run_config(run_dir, opts, model, rt, {"data": sources})
-        if opts.wandb:
-            wandb_run, _ = init_wandb(opts, run_dir, (state or {}).get("extra", {}).get("wandb_id"), opts.to_dict())
-    metrics = MetricsLog(run_dir, enabled=rt.is_main, wandb_run=wandb_run)
-    trainer = Trainer(lcfg, wrapped, optimizer, loader, val, rt.precision, rt.device, run_dir, tok_dir, metrics,
-                      rank=rt.rank, world_size=rt.world_size,
-                      loss_fn=lambda m, b: lm_loss(m, b, opts.z_loss))
-    if state is not None:
-        trainer.load_trainer_state(state)
-        if (resume_ckpt / "ema.safetensors").is_file():
-            trainer.load_ema(load_file(str(resume_ckpt / "ema.safetensors")))
-        log.info(f"resumed from {resume_ckpt} at step {trainer.state.step}")
-    if wandb_run is not None:
-        trainer.state.extra["wandb_id"] = wandb_run.id
+    # --eval-tokens, but never more than one pass over the validation split
+    eval_batches = max(1, min(opts.eval_tokens // (opts.batch_size * opts.seq_len), val.batches_per_epoch))
     log.info(f"model: {opts.preset}, {model.num_params() / 1e6:.2f}M params, vocab {model.config.vocab_size}; "
              f"batch {opts.batch_size}x{opts.seq_len}x{opts.grad_accum}x{rt.world_size}; {opts.max_steps} steps; "
              f"out {run_dir}")
     try:
-        summary = trainer.fit()
+        summary = run_loop(opts, rt, model, run_dir, resume_ckpt, loader, val, tok_dir, seq_len=opts.seq_len,
+                           eval_batches=eval_batches, run_record={"data": sources},
+                           loss_fn=lambda m, b: lm_loss(m, b, opts.z_loss))
     finally:
-        metrics.close()
         loader.close()
         val.close()
-        if wandb_run is not None:
-            wandb_run.finish()
     if rt.is_main:
-        plot_losses(run_dir)
-        log.info(f"done: {summary}")
         log.info(f"chat with it: python infer/chat.py --ckpt {run_dir} --complete")
     return summary

@@ -1,0 +1,138 @@
+"""Offline default datasets, built from the embedded corpus (the interpreter's standard library sources).
+
+SFT: each public, undecorated top-level function with a docstring becomes
+    user:      Write a Python function `name(args)` that <first docstring line, first letter lowered>
+    assistant: the function's source
+DPO: the same prompt; chosen = that function's source; rejected = a mismatched function (another function's
+source, even pairs) or a corrupted one (the same def and docstring with the body's lines in reverse order,
+odd pairs). Validation examples and held-out pairs come from functions that no training example uses.
+
+The files are written once (atomically) as ordinary datasets, so a default run is the same as
+`--data runs/data/stdlib-sft/train.jsonl --val-data runs/data/stdlib-sft/val.jsonl` and they show the formats.
+"""
+from __future__ import annotations
+
+import ast
+import json
+import logging
+import os
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+from data.sources import default_corpus_files
+
+log = logging.getLogger("furnace")
+
+DEFAULT_SFT_DIR = Path("runs") / "data" / "stdlib-sft"   # relative to the working directory, like the corpus
+DEFAULT_DPO_DIR = Path("runs") / "data" / "stdlib-dpo"
+MAX_SOURCE_CHARS = 1200     # longer functions are left out (the tiny CPU model has a 512-token context)
+SFT_TRAIN, SFT_VAL = 500, 64
+DPO_TRAIN, DPO_VAL = 192, 64
+SEED = 1234
+
+
+@dataclass
+class Func:
+    name: str
+    signature: str
+    summary: str
+    source: str
+    where: str
+
+    @property
+    def instruction(self) -> str:
+        return f"Write a Python function `{self.signature}` that {self.summary[0].lower()}{self.summary[1:]}"
+
+
+def functions_in(text: str, where: str) -> list[Func]:
+    """Public, undecorated top-level functions with a docstring whose first line has some words."""
+    try:
+        tree = ast.parse(text)
+    except (SyntaxError, ValueError):  # a few stdlib files are templates or target other versions
+        return []
+    out = []
+    for node in tree.body:
+        if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) or node.decorator_list:
+            continue
+        if node.name.startswith("_"):
+            continue
+        doc = ast.get_docstring(node)
+        if not doc:
+            continue
+        summary = doc.strip().splitlines()[0].strip()
+        src = ast.get_source_segment(text, node)
+        if len(summary.split()) < 3 or not src or len(src) > MAX_SOURCE_CHARS:
+            continue
+        out.append(Func(node.name, f"{node.name}({ast.unparse(node.args)})", summary, src, where))
+    return out
+
+
+def stdlib_functions() -> list[Func]:
+    """Every candidate function of the standard library, deduplicated by source, in file order."""
+    funcs, seen = [], set()
+    for f in default_corpus_files():
+        try:
+            text = f.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError):
+            continue
+        for fn in functions_in(text, f.name):
+            if fn.source not in seen:
+                seen.add(fn.source)
+                funcs.append(fn)
+    return funcs
+
+
+def corrupted(fn: Func) -> str | None:
+    """The function with its body lines (after the def line and docstring) in reverse order, or None when the
+    body has fewer than two distinct lines."""
+    lines = fn.source.splitlines()
+    tree = ast.parse(fn.source).body[0]
+    body_start = tree.body[1].lineno - 1 if len(tree.body) > 1 else len(lines)
+    head, body = lines[:body_start], lines[body_start:]
+    if len(set(body)) < 2:
+        return None
+    return "\n".join(head + body[::-1])
+
+
+def _conv(fn: Func, reply: str | None = None) -> list[dict]:
+    return [{"role": "user", "content": fn.instruction}, {"role": "assistant", "content": reply or fn.source}]
+
+
+def _write_jsonl(path: Path, records: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
+    tmp.replace(path)
+
+
+def build_default_datasets(sft_dir: Path = DEFAULT_SFT_DIR, dpo_dir: Path = DEFAULT_DPO_DIR) -> None:
+    """Write {sft_dir,dpo_dir}/{train,val}.jsonl (skipped when all four exist)."""
+    files = [sft_dir / "train.jsonl", sft_dir / "val.jsonl", dpo_dir / "train.jsonl", dpo_dir / "val.jsonl"]
+    if all(f.is_file() for f in files):
+        return
+    funcs = stdlib_functions()
+    random.Random(SEED).shuffle(funcs)
+    n_val = min(SFT_VAL + DPO_VAL, len(funcs) // 4)
+    val, train = funcs[:n_val], funcs[n_val:n_val + SFT_TRAIN]
+    sft_val, dpo_val_funcs = val[:n_val // 2], val[n_val // 2:]
+    _write_jsonl(files[0], [{"conversations": _conv(fn)} for fn in train])
+    _write_jsonl(files[1], [{"conversations": _conv(fn)} for fn in sft_val])
+    _write_jsonl(files[2], _pairs(train[:DPO_TRAIN], train))
+    _write_jsonl(files[3], _pairs(dpo_val_funcs, dpo_val_funcs))
+    log.info(f"default datasets: {len(funcs)} stdlib functions qualify -> SFT {len(train)} train / {len(sft_val)} val "
+             f"in {sft_dir}, DPO {min(DPO_TRAIN, len(train))} train / {len(dpo_val_funcs)} held-out pairs in {dpo_dir}")
+
+
+def _pairs(funcs: list[Func], pool: list[Func]) -> list[dict]:
+    """TRL-style {"prompt", "chosen", "rejected"} records (even: mismatched function, odd: corrupted body)."""
+    rng = random.Random(SEED + 1)
+    out = []
+    for i, fn in enumerate(funcs):
+        bad = corrupted(fn) if i % 2 else None
+        while bad is None:
+            other = pool[rng.randrange(len(pool))]
+            if other.name != fn.name:
+                bad = other.source
+        out.append({"prompt": fn.instruction, "chosen": fn.source, "rejected": bad})
+    return out

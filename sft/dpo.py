@@ -1,0 +1,228 @@
+"""Direct Preference Optimization: the loss, sequence log-probs, pair batches and the reference cache.
+
+    loss = -mean(log sigmoid(beta * ((pi_c - ref_c) - (pi_r - ref_r))))     (Rafailov et al. 2023, sigmoid loss)
+    chosen_reward = beta * (pi_c - ref_c), rejected_reward = beta * (pi_r - ref_r)
+pi_* / ref_* are the policy's / reference's log-probabilities of a completion (the final assistant reply and
+its <|im_end|>), summed over its tokens. The reference is the frozen --init model; its log-probs are
+computed once, before training, and cached on disk keyed by the checkpoint's and the tokenized data's
+hashes, so training holds only the policy in memory. At step 0 policy == reference, so the loss is ln 2.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from model.errors import FurnaceError
+from model.io import unwrap
+from sft.examples import IGNORE
+from sft.packing import pack_row
+
+log = logging.getLogger("furnace")
+
+Pair = tuple[tuple[list[int], list[int]], tuple[list[int], list[int]]]  # ((ids, labels) chosen, rejected)
+
+
+def dpo_loss(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Tensor,
+             ref_chosen_logps: torch.Tensor, ref_rejected_logps: torch.Tensor, beta: float):
+    """All inputs (P,) summed log-probs. -> (mean loss over pairs, chosen_rewards (P,), rejected_rewards (P,));
+    the rewards are detached (for logging)."""
+    chosen = beta * (policy_chosen_logps.float() - ref_chosen_logps.float())
+    rejected = beta * (policy_rejected_logps.float() - ref_rejected_logps.float())
+    loss = -F.logsigmoid(chosen - rejected).mean()
+    return loss, chosen.detach(), rejected.detach()
+
+
+def sequence_logps(model, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """x, y: (B, T) inputs and targets (-100 = not part of the completion) -> (B,) float32 sums of
+    log p(y_t | x_<=t) over the completion's positions. Goes through model.forward (so DDP / compile wrappers
+    stay in the graph); only the completion rows of the logits are normalised."""
+    logits, _ = model(x)                                                  # (B, T, V)
+    mask = y != IGNORE                                                    # (B, T)
+    sel = logits[mask].float()                                            # (N, V)
+    tgt = y[mask]                                                         # (N,)
+    lp = sel.gather(1, tgt[:, None]).squeeze(1) - torch.logsumexp(sel, dim=-1)  # (N,)
+    rows = torch.arange(x.shape[0], device=x.device)[:, None].expand_as(y)[mask]  # (N,)
+    return torch.zeros(x.shape[0], device=x.device, dtype=torch.float32).index_add(0, rows, lp)
+
+
+def pair_batch(pairs: list[Pair], pad_id: int, max_len: int, multiple: int = 16):
+    """-> x, y (2P, L): chosen rows first, then rejected; L = the longest sequence rounded up to `multiple`
+    (fewer distinct shapes), at most max_len."""
+    seqs = [p[0] for p in pairs] + [p[1] for p in pairs]
+    L = min(max_len, multiple * -(-max(len(ids) for ids, _ in seqs) // multiple))
+    rows = [pack_row([s], L, pad_id) for s in seqs]
+    x = torch.from_numpy(np.stack([r[0] for r in rows]))                 # (2P, L)
+    y = torch.from_numpy(np.stack([r[1] for r in rows]))                 # (2P, L)
+    return x, y
+
+
+class PairLoader:
+    """next_batch() -> {"x", "y": (2B, L), "ref": (2B,) reference log-probs or None, "n": B}.
+    Seeded order per epoch (seed + epoch), pairs dealt to ranks round-robin; state (epoch, pos) resumes exactly."""
+
+    def __init__(self, pairs: list[Pair], ref: torch.Tensor | None, batch_size: int, pad_id: int, max_len: int,
+                 seed: int = 0, shuffle: bool = True, rank: int = 0, world_size: int = 1, device="cpu"):
+        if not pairs:
+            raise ValueError("PairLoader needs at least one pair")
+        self.pairs, self.ref, self.B, self.pad_id, self.max_len = pairs, ref, batch_size, pad_id, max_len
+        self.seed, self.shuffle, self.rank, self.world = seed, shuffle, rank, world_size
+        self.device = torch.device(device)
+        self.epoch, self.pos = 0, 0
+        self._order_epoch, self._order = -1, np.arange(0)
+
+    def order(self, epoch: int) -> np.ndarray:
+        if self._order_epoch != epoch:
+            n = len(self.pairs)
+            o = np.random.default_rng(self.seed + epoch).permutation(n) if self.shuffle else np.arange(n)
+            self._order = o[self.rank::self.world] if len(o) >= self.world else o
+            self._order_epoch = epoch
+        return self._order
+
+    def next_indices(self) -> list[int]:
+        out = []
+        for _ in range(self.B):
+            o = self.order(self.epoch)
+            if self.pos >= len(o):
+                self.epoch, self.pos = self.epoch + 1, 0
+                o = self.order(self.epoch)
+            out.append(int(o[self.pos]))
+            self.pos += 1
+        return out
+
+    def next_batch(self) -> dict:
+        idx = self.next_indices()
+        x, y = pair_batch([self.pairs[i] for i in idx], self.pad_id, self.max_len)
+        nb = self.device.type == "cuda"
+        b = {"x": x.to(self.device, non_blocking=nb), "y": y.to(self.device, non_blocking=nb), "n": len(idx)}
+        if self.ref is not None:
+            b["ref"] = torch.cat([self.ref[idx, 0], self.ref[idx, 1]]).to(self.device)   # (2B,)
+        return b
+
+    def batches_per_epoch(self) -> int:
+        return max(1, -(-len(self.order(0)) // self.B))
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "pos": self.pos, "seed": self.seed, "n_pairs": len(self.pairs)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.pos = int(state["epoch"]), int(state["pos"])
+
+    def reset(self) -> None:
+        self.epoch, self.pos = 0, 0
+
+    def close(self) -> None:
+        """Nothing to release; here for the loader interface."""
+
+
+def count_pairs(batch: dict) -> int:
+    return int(batch["n"])
+
+
+def dpo_step(model, batch: dict, beta: float):
+    """The loop's loss_fn for DPO: (mean loss over the batch's pairs, metrics)."""
+    n = batch["n"]
+    logps = sequence_logps(model, batch["x"], batch["y"])                # (2n,)
+    ref = batch["ref"]
+    loss, cr, rr = dpo_loss(logps[:n], logps[n:], ref[:n], ref[n:], beta)
+    return loss, pair_metrics(cr, rr)
+
+
+def pair_metrics(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor) -> dict:
+    return {"reward_acc": (chosen_rewards > rejected_rewards).float().mean().item(),
+            "reward_margin": (chosen_rewards - rejected_rewards).mean().item(),
+            "chosen_reward": chosen_rewards.mean().item(), "rejected_reward": rejected_rewards.mean().item()}
+
+
+@torch.no_grad()
+def evaluate_pairs(model, pairs: list[Pair], ref: torch.Tensor, beta: float, batch_size: int, pad_id: int,
+                   max_len: int, device, autocast, prefix: str = "val_") -> dict:
+    """Loss and reward metrics over all `pairs` once, weighted by pairs (model put back in its mode)."""
+    m = unwrap(model)
+    was_training = m.training
+    m.eval()
+    dev = torch.device(device)
+    tot: dict[str, float] = {}
+    for s in range(0, len(pairs), batch_size):
+        chunk = pairs[s:s + batch_size]
+        x, y = pair_batch(chunk, pad_id, max_len)
+        b = {"x": x.to(dev), "y": y.to(dev), "n": len(chunk),
+             "ref": torch.cat([ref[s:s + len(chunk), 0], ref[s:s + len(chunk), 1]]).to(dev)}
+        with autocast(dev.type):
+            loss, mets = dpo_step(m, b, beta)
+        for k, v in {"loss": loss.item(), **mets}.items():
+            tot[k] = tot.get(k, 0.0) + v * len(chunk)
+    m.train(was_training)
+    return {prefix + k: v / len(pairs) for k, v in tot.items()}
+
+
+# ---- reference log-probs, cached -----------------------------------------------------------------
+@torch.no_grad()
+def reference_logps(model, pairs: list[Pair], batch_size: int, pad_id: int, max_len: int, device,
+                    autocast=None) -> torch.Tensor:
+    """(N, 2) float32: the frozen model's summed completion log-probs of each pair's (chosen, rejected)."""
+    was_training = model.training
+    model.eval()
+    out = torch.empty(len(pairs), 2)
+    dev = torch.device(device)
+    for s in range(0, len(pairs), batch_size):
+        chunk = pairs[s:s + batch_size]
+        x, y = pair_batch(chunk, pad_id, max_len)
+        with (autocast(dev.type) if autocast else torch.autocast(dev.type, enabled=False)):
+            lp = sequence_logps(model, x.to(dev), y.to(dev)).cpu()     # (2n,)
+        n = len(chunk)
+        out[s:s + n, 0], out[s:s + n, 1] = lp[:n], lp[n:]
+    model.train(was_training)
+    return out
+
+
+def file_sha256(path: Path, chunk: int = 1 << 24) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def pairs_sha256(pairs: list[Pair]) -> str:
+    """Hash of the tokenized pairs (ids and labels): covers files, formats, template and truncation at once."""
+    h = hashlib.sha256()
+    for (ci, cl), (ri, rl) in pairs:
+        for seq in (ci, cl, ri, rl):
+            h.update(np.asarray(seq, dtype=np.int64).tobytes())
+            h.update(b"|")
+    return h.hexdigest()
+
+
+def cached_reference_logps(cache_dir: Path, ckpt_key: str, pairs: list[Pair], compute) -> torch.Tensor:
+    """Load CACHE/ref-<ckpt>-<data>.pt when its keys match, else `compute()` and write it atomically."""
+    data_key = pairs_sha256(pairs)
+    path = Path(cache_dir) / f"ref-{ckpt_key[:16]}-{data_key[:16]}.pt"
+    if path.is_file():
+        try:
+            d = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # truncated or foreign file: recompute rather than trust it
+            log.info(f"DPO reference cache {path} unreadable ({type(e).__name__}); recomputing")
+        else:
+            if d.get("ckpt_key") == ckpt_key and d.get("data_key") == data_key and d["logps"].shape == (len(pairs), 2):
+                log.info(f"DPO reference log-probs: cached {path}")
+                return d["logps"]
+            log.info(f"DPO reference cache {path} does not match this checkpoint/data; recomputing")
+    logps = compute()
+    if not torch.isfinite(logps).all():
+        raise FurnaceError("DPO reference log-probs are not finite: the --init model is broken (NaN weights?)")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    torch.save({"ckpt_key": ckpt_key, "data_key": data_key, "logps": logps}, tmp)
+    tmp.replace(path)
+    log.info(f"DPO reference log-probs: computed for {len(pairs)} pairs, cached in {path}")
+    return logps
+
+
+LN2 = math.log(2.0)

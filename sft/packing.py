@@ -1,0 +1,115 @@
+"""Packed SFT batches: whole examples laid end to end in fixed-length rows, with document masking.
+
+Each row holds seq_len positions. An example of L tokens takes L positions; its targets are its labels
+shifted left by one, and its last position gets no target (-100), so no label ever reaches into the next
+example. `doc_ids` (B, T) numbers the examples of a row (padding gets its own id); the model's attention
+then never crosses an example boundary (document masking, model/attention.py). RoPE is relative, so no
+position reset is needed: a packed example gets exactly the logits it would get alone (tested).
+
+Rows are planned per epoch: examples in a seeded random order (epoch e uses seed + e), placed greedily
+(an example that does not fit ends the row; the rest is padding). Rows are dealt to ranks round-robin.
+The loader's state is (epoch, next row): the plan is recomputed from the seed, so resume is exact.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from sft.examples import IGNORE
+
+
+def plan_rows(lengths: list[int], seq_len: int, order) -> list[list[int]]:
+    """Greedy packing of examples (taken in `order`) into rows of at most seq_len tokens."""
+    rows: list[list[int]] = []
+    cur: list[int] = []
+    used = 0
+    for i in order:
+        n = lengths[i]
+        if n > seq_len:
+            raise ValueError(f"example {i} has {n} tokens > seq_len {seq_len} (build_sft_example enforces max_len)")
+        if used + n > seq_len:
+            rows.append(cur)
+            cur, used = [], 0
+        cur.append(int(i))
+        used += n
+    if cur:
+        rows.append(cur)
+    return rows
+
+
+def pack_row(examples: list[tuple[list[int], list[int]]], seq_len: int, pad_id: int):
+    """[(input_ids, labels), ...] -> x, y, doc_ids: int64 arrays of length seq_len."""
+    x = np.full(seq_len, pad_id, dtype=np.int64)
+    y = np.full(seq_len, IGNORE, dtype=np.int64)
+    doc = np.full(seq_len, len(examples), dtype=np.int64)  # padding: a document of its own
+    p = 0
+    for d, (ids, labels) in enumerate(examples):
+        n = len(ids)
+        x[p:p + n] = ids
+        y[p:p + n - 1] = labels[1:]  # targets stay inside the example; its last position predicts nothing
+        doc[p:p + n] = d
+        p += n
+    return x, y, doc
+
+
+class PackedSFTLoader:
+    """next_batch() -> (x, y, doc_ids), each (batch_size, seq_len) int64 on `device`.
+    shuffle=False gives a fixed order (validation); reset() starts it again."""
+
+    def __init__(self, examples: list[tuple[list[int], list[int]]], batch_size: int, seq_len: int, pad_id: int,
+                 seed: int = 0, shuffle: bool = True, rank: int = 0, world_size: int = 1,
+                 device: torch.device | str = "cpu"):
+        if not examples:
+            raise ValueError("PackedSFTLoader needs at least one example")
+        self.examples, self.B, self.T, self.pad_id = examples, batch_size, seq_len, pad_id
+        self.seed, self.shuffle, self.rank, self.world = seed, shuffle, rank, world_size
+        self.device = torch.device(device)
+        self.lengths = [len(ids) for ids, _ in examples]
+        self.epoch, self.pos = 0, 0
+        self._plan_epoch = -1
+        self._rows: list[list[int]] = []
+
+    def rows_for_epoch(self, epoch: int) -> list[list[int]]:
+        if self._plan_epoch != epoch:
+            n = len(self.examples)
+            order = (np.random.default_rng(self.seed + epoch).permutation(n) if self.shuffle else np.arange(n))
+            rows = plan_rows(self.lengths, self.T, order)
+            if self.world > 1:
+                rows = rows[self.rank::self.world] or rows[:1]
+            self._rows, self._plan_epoch = rows, epoch
+        return self._rows
+
+    def stats(self) -> dict:
+        """Rows per epoch and how full they are (fraction of positions holding example tokens)."""
+        rows = self.rows_for_epoch(self.epoch)
+        filled = sum(self.lengths[i] for r in rows for i in r)
+        trained = sum(sum(t != IGNORE for t in self.examples[i][1][1:]) for r in rows for i in r)
+        return {"rows": len(rows), "fill": filled / (len(rows) * self.T), "trained_per_row": trained / len(rows)}
+
+    def next_batch(self):
+        xs, ys, ds = [], [], []
+        for _ in range(self.B):
+            rows = self.rows_for_epoch(self.epoch)
+            if self.pos >= len(rows):
+                self.epoch, self.pos = self.epoch + 1, 0
+                rows = self.rows_for_epoch(self.epoch)
+            x, y, d = pack_row([self.examples[i] for i in rows[self.pos]], self.T, self.pad_id)
+            self.pos += 1
+            xs.append(x), ys.append(y), ds.append(d)
+        nb = self.device.type == "cuda"
+        return tuple(torch.from_numpy(np.stack(a)).to(self.device, non_blocking=nb) for a in (xs, ys, ds))
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "pos": self.pos, "seed": self.seed, "n_examples": len(self.examples)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.pos = int(state["epoch"]), int(state["pos"])
+
+    def reset(self) -> None:
+        self.epoch, self.pos = 0, 0
+
+    def batches_per_epoch(self) -> int:
+        return max(1, -(-len(self.rows_for_epoch(0)) // self.B))
+
+    def close(self) -> None:
+        """Nothing to release (no threads); here for the loader interface."""
