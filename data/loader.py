@@ -257,8 +257,12 @@ class TokenLoader:
         return torch.empty((self.B, self.T + 1), dtype=torch.int32, pin_memory=self._cuda)  # (B, T+1)
 
     # ---- background prefetch (CUDA only) --------------------------------------------------------
-    def _worker(self):
+    def _worker(self, cuda_index: int):
         try:
+            # Pinning from a thread that never chose a device would create a CUDA context on GPU 0 (each DDP
+            # rank would then hold memory there); bind this thread to the loader's device, as torch's own
+            # DataLoader pin-memory thread does.
+            torch.cuda.set_device(cuda_index)
             while not self._stop.is_set():
                 buf = self._new_buffer()
                 self._produce(buf.numpy())
@@ -270,7 +274,12 @@ class TokenLoader:
                     except queue.Full:
                         continue
         except BaseException as e:  # handed to the consumer, which re-raises it in the main thread
-            self._queue.put((e, None))
+            while not self._stop.is_set():  # never block forever on a full queue nobody drains any more
+                try:
+                    self._queue.put((e, None), timeout=0.1)
+                    break
+                except queue.Full:
+                    continue
 
     def _stop_thread(self):
         if self._thread is not None:
@@ -286,7 +295,8 @@ class TokenLoader:
             return buf, self._snapshot()
         if self._thread is None:
             self._queue = queue.Queue(maxsize=self._prefetch)
-            self._thread = threading.Thread(target=self._worker, name="furnace-loader", daemon=True)
+            idx = self.device.index if self.device.index is not None else torch.cuda.current_device()
+            self._thread = threading.Thread(target=self._worker, args=(idx,), name="furnace-loader", daemon=True)
             self._thread.start()
         buf, state = self._queue.get()
         if isinstance(buf, BaseException):

@@ -51,8 +51,13 @@ INTERPRETED = TRITON_IMPORT_ERROR is None and os.environ.get("TRITON_INTERPRET",
 
 
 @functools.lru_cache(maxsize=None)
-def _log_once(msg: str) -> None:
+def _log_once_cached(msg: str) -> None:
     log.info(msg)
+
+
+def _log_once(msg: str) -> None:
+    if not torch.compiler.is_compiling():  # dynamo skips the lru_cache and breaks the graph on logging
+        _log_once_cached(msg)
 
 
 def _interpret_env() -> bool:

@@ -19,9 +19,13 @@ def _load_flash_attn():
     if not torch.cuda.is_available():
         return None, "no CUDA"
     try:
+        import flash_attn  # noqa: PLC0415
         from flash_attn import flash_attn_func  # noqa: PLC0415
     except Exception as e:  # ImportError, or an ABI error after a torch upgrade
         return None, f"flash-attn unavailable: {type(e).__name__}: {str(e)[:80]}"
+    ver = tuple(int(x) for x in flash_attn.__version__.split(".")[:2] if x.isdigit())
+    if ver < (2, 1):  # before 2.1 causal=True is top-left aligned: wrong for a KV cache (Tq < Tk)
+        return None, f"flash-attn {flash_attn.__version__} < 2.1 (top-left causal mask)"
     return flash_attn_func, ""
 
 
@@ -51,15 +55,15 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         causal = torch.ones(Tq, Tk, dtype=torch.bool, device=q.device).tril()
         same_doc = doc_ids[:, :, None] == doc_ids[:, None, :]                  # (B, T, T)
         mask = (causal & same_doc)[:, None]                                    # (B, 1, T, T)
-        y = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask, enable_gqa=Hkv != H)
+        y = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask, enable_gqa=bool(Hkv != H))
         return y.transpose(1, 2)
-    if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
-        if _FLASH_ATTN is not None:
+    if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and k.dtype == q.dtype and v.dtype == q.dtype:
+        if _FLASH_ATTN is not None and hd % 8 == 0 and hd <= 256:  # flash-attn 2's head-dim limits
             _log_once("attention: flash-attn")
             return _FLASH_ATTN(q, k, v, causal=True)  # bottom-right aligned causal mask, native GQA
-    _log_once(f"attention: SDPA ({_FLASH_ATTN_WHY or 'flash-attn needs bf16/fp16 CUDA tensors'})")
+    _log_once(f"attention: SDPA ({_FLASH_ATTN_WHY or 'flash-attn needs bf16/fp16 CUDA q/k/v, head_dim % 8 == 0, <= 256'})")
     qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H|Hkv, T, hd)
-    gqa = Hkv != H  # SDPA shares each kv head among H // Hkv query heads
+    gqa = bool(Hkv != H)  # SDPA shares each kv head among H // Hkv query heads (a bool, not a SymBool, under compile)
     if Tq == Tk:
         y = F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, enable_gqa=gqa)
     elif Tq == 1:

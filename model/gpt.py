@@ -9,6 +9,7 @@ residual stream's variance does not grow with depth; norm weights = 1.
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -115,6 +116,7 @@ class GPT(nn.Module):
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed.weight
         self.activation_checkpointing = False
+        self.checkpoint_fn = None  # None: torch.utils.checkpoint; TE FP8 sets its own (re-enters fp8_autocast)
         cos, sin = rope_tables(cfg, cfg.max_seq_len)
         self.register_buffer("rope_cos", cos, persistent=False)       # (max_seq_len, hd/2) fp32
         self.register_buffer("rope_sin", sin, persistent=False)
@@ -167,7 +169,8 @@ class GPT(nn.Module):
         x = self.embed(idx)                                                        # (B, T, d)
         for block in self.layers:
             if self.activation_checkpointing and self.training and cache is None:
-                x = torch.utils.checkpoint.checkpoint(block, x, cos, sin, None, doc_ids, use_reentrant=False)
+                ckpt = self.checkpoint_fn or functools.partial(torch.utils.checkpoint.checkpoint, use_reentrant=False)
+                x = ckpt(block, x, cos, sin, None, doc_ids)
             else:
                 x = block(x, cos, sin, cache, doc_ids)
         if cache is not None:

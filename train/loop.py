@@ -94,8 +94,7 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(device.type) if precision.dtype == torch.float16 else None
         self.ema = None
         if cfg.ema > 0:
-            self.ema = {k: v.detach().float().clone() for k, v in unwrap(model).state_dict().items()
-                        if v.is_floating_point()}
+            self.ema = {k: v.detach().float().clone() for k, v in _float_tensors(unwrap(model)).items()}
         self.step_times: list[float] = []
 
     # ---- state for checkpoints -------------------------------------------------------------------
@@ -103,7 +102,11 @@ class Trainer:
         s = self.state
         return {"step": s.step, "tokens": s.tokens, "bad_in_row": s.bad_in_row, "bad_total": s.bad_total,
                 "extra": s.extra, "optimizer": self.opt.state_dict(), "loader": loader_state,
-                "rng": rng_state(), "scaler": self.scaler.state_dict() if self.scaler else None}
+                "rng": rng_state(), "scaler": self.scaler.state_dict() if self.scaler else None,
+                # TransformerEngine's FP8 scaling state (amax history, scales): kept out of the portable
+                # model.safetensors, but needed for an exact resume of a TE FP8 run
+                "fp8_extra_state": {k: v for k, v in unwrap(self.model).state_dict().items()
+                                    if k.endswith("_extra_state")}}
 
     def load_trainer_state(self, d: dict) -> None:
         self.state = TrainState(step=d["step"], tokens=d["tokens"], bad_in_row=d["bad_in_row"],
@@ -113,6 +116,8 @@ class Trainer:
         set_rng_state(d["rng"])
         if self.scaler and d.get("scaler"):
             self.scaler.load_state_dict(d["scaler"])
+        if d.get("fp8_extra_state"):
+            unwrap(self.model).load_state_dict(d["fp8_extra_state"], strict=False)
 
     def load_ema(self, ema: dict) -> None:
         self.ema = {k: v.to(self.device).float() for k, v in ema.items()}
@@ -135,7 +140,7 @@ class Trainer:
         cfg, model = self.cfg, self.model
         batches = [self.train_loader.next_batch() for _ in range(cfg.grad_accum)]
         counts = [self.count_fn(b) for b in batches]
-        n_global = int(self._all_sum(torch.tensor(float(sum(counts)), device=self.device)).item())
+        n_global = int(self._all_sum(torch.tensor(sum(counts), dtype=torch.float64, device=self.device)).item())
         loss_sum = torch.zeros((), device=self.device)
         extra: dict[str, float] = {}  # loss_fn's own metrics (e.g. DPO reward accuracy), weighted like the loss
         for i, (b, n) in enumerate(zip(batches, counts)):
@@ -183,7 +188,7 @@ class Trainer:
         if self.ema is None:
             return
         d = self.cfg.ema
-        for k, v in unwrap(self.model).state_dict().items():
+        for k, v in _float_tensors(unwrap(self.model)).items():
             if k in self.ema:
                 self.ema[k].mul_(d).add_(v.detach().float(), alpha=1 - d)
 
@@ -310,6 +315,21 @@ class Trainer:
             if self.rank == 0:
                 log.info(f"step {self.state.step} | " + " | ".join(f"{k} {v:.4f}" for k, v in ev.items()))
         return ev
+
+
+def _float_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The state_dict's floating-point parameters and persistent buffers, under the same names, without
+    calling state_dict(): TransformerEngine's `_extra_state` (not a float tensor; in older TE a BytesIO)
+    would be serialised, with a device-to-host copy, for every layer at every EMA update."""
+    out = {}
+    for prefix, mod in model.named_modules(remove_duplicate=False):
+        pre = prefix + "." if prefix else ""
+        for n, t in mod.named_parameters(recurse=False, remove_duplicate=False):
+            out[pre + n] = t
+        for n, t in mod.named_buffers(recurse=False):
+            if n not in mod._non_persistent_buffers_set:
+                out[pre + n] = t
+    return {k: v for k, v in out.items() if v is not None and v.is_floating_point()}
 
 
 class _StopFlag:

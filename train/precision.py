@@ -2,7 +2,9 @@
 
 FP8 backends, in order for --fp8-backend auto:
   TransformerEngine: te.Linear under fp8_autocast, DelayedScaling HYBRID (E4M3 fwd, E5M2 bwd),
-    amax history 16 (as Elite-112M); needs CUDA with compute capability >= 8.9.
+    amax history 16 (as Elite-112M); needs CUDA with compute capability >= 8.9. On data-centre Blackwell
+    (cc 10.x) MXFP8BlockScaling is tried first (TE >= 2.0; needs dims multiples of 32), DelayedScaling if
+    its probe fails.
   torchao float8 training: dynamic tensorwise scaling; also runs on CPU (torch._scaled_mm).
   else BF16 (or the --dtype given), said in one line; --fp8-strict turns the fallback into an error.
 Only the transformer blocks' Linear layers are converted; embeddings, LM head, norms and the loss stay
@@ -65,10 +67,15 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return DTYPES[name]
 
 
-def fp8_linear_filter(name: str, module: torch.nn.Module) -> bool:
-    """FP8 only for Linear layers inside the transformer blocks with dims divisible by 16."""
+def fp8_linear_filter(name: str, module: torch.nn.Module, multiple: int = 16) -> bool:
+    """FP8 only for Linear layers inside the transformer blocks with dims divisible by `multiple`
+    (16 for tensor-scaled FP8, 32 for MXFP8's 32-element blocks)."""
     return (isinstance(module, torch.nn.Linear) and name.startswith("layers.")
-            and module.in_features % 16 == 0 and module.out_features % 16 == 0)
+            and module.in_features % multiple == 0 and module.out_features % multiple == 0)
+
+
+def _dim_multiple(prec: "Precision") -> int:
+    return 32 if type(prec.te_recipe).__name__ == "MXFP8BlockScaling" else 16
 
 
 def _te_status(device: torch.device) -> str:
@@ -93,20 +100,26 @@ def _torchao_status() -> str:
     return ""
 
 
-def _te_recipe(device: torch.device):
+def _te_recipes(device: torch.device) -> list:
+    """TE recipes to try, best first: MXFP8 on data-centre Blackwell (cc 10.x) when this TE has it, then
+    DelayedScaling (the Elite-112M recipe, also kept on consumer Blackwell cc 12.x for comparability)."""
     from transformer_engine.common import recipe
-    return recipe.DelayedScaling(fp8_format=recipe.Format.HYBRID, amax_history_len=16, amax_compute_algo="max")
+    out = []
+    if torch.cuda.get_device_capability(device)[0] == 10 and hasattr(recipe, "MXFP8BlockScaling"):
+        out.append(recipe.MXFP8BlockScaling())
+    out.append(recipe.DelayedScaling(fp8_format=recipe.Format.HYBRID, amax_history_len=16, amax_compute_algo="max"))
+    return out
 
 
-def _probe(backend: str, device: torch.device, dtype: torch.dtype) -> str:
-    """Tiny FP8 forward/backward; '' if it works, else the reason."""
+def _probe(backend: str, device: torch.device, dtype: torch.dtype, te_recipe=None) -> str:
+    """Tiny FP8 forward/backward; '' if it works, else the reason. Shapes are multiples of 32 (MXFP8)."""
     lin = torch.nn.Sequential()
-    lin.add_module("layers", torch.nn.Sequential(torch.nn.Linear(32, 32, bias=False)))
+    lin.add_module("layers", torch.nn.Sequential(torch.nn.Linear(64, 64, bias=False)))
     lin = lin.to(device)
     try:
-        prec = Precision(dtype=dtype, fp8=backend, te_recipe=_te_recipe(device) if backend == "te" else None)
+        prec = Precision(dtype=dtype, fp8=backend, te_recipe=te_recipe)
         convert_linears(lin, prec)
-        x = torch.randn(16, 32, device=device, requires_grad=True)
+        x = torch.randn(32, 64, device=device, requires_grad=True)  # (M, K): M, K multiples of 32
         with prec.autocast(device.type):
             y = lin(x)
         y.float().sum().backward()
@@ -121,11 +134,12 @@ def convert_linears(model: torch.nn.Module, prec: Precision) -> list[str]:
     """Swap eligible Linear layers for the FP8 backend's; returns the converted names."""
     if not prec.fp8:
         return []
-    names = [n for n, m in model.named_modules() if fp8_linear_filter(n, m)]
+    mult = _dim_multiple(prec)
+    names = [n for n, m in model.named_modules() if fp8_linear_filter(n, m, mult)]
     skipped = [n for n, m in model.named_modules()
                if isinstance(m, torch.nn.Linear) and n.startswith("layers.") and n not in names]
     if skipped:
-        log.info(f"FP8: {len(skipped)} layers stay high precision (dims not multiples of 16): {skipped[:4]}")
+        log.info(f"FP8: {len(skipped)} layers stay high precision (dims not multiples of {mult}): {skipped[:4]}")
     if prec.fp8 == "torchao":
         from torchao.float8 import convert_to_float8_training
         convert_to_float8_training(model, module_filter_fn=lambda m, fqn: fp8_linear_filter(fqn, m))
@@ -155,14 +169,16 @@ def decide_precision(device: torch.device, dtype_name: str, fp8: bool, backend: 
     order = {"auto": ["te", "torchao"], "te": ["te"], "torchao": ["torchao"]}[backend]
     for b in order:
         why = _te_status(device) if b == "te" else _torchao_status()
-        if not why:
-            why = _probe(b, device, dtype)
-        if not why:
-            p = Precision(dtype=dtype, fp8=b, te_recipe=_te_recipe(device) if b == "te" else None,
-                          reason="probe passed")
-            log.info(f"precision: FP8 via {'TransformerEngine' if b == 'te' else 'torchao float8'} "
-                     f"(activations/master weights {p.dtype}; {p.reason})")
-            return p
+        for rec in (_te_recipes(device) if b == "te" and not why else [None]):
+            why = why or _probe(b, device, dtype, rec)
+            if not why:
+                p = Precision(dtype=dtype, fp8=b, te_recipe=rec, reason="probe passed")
+                what = f"TransformerEngine {type(rec).__name__}" if b == "te" else "torchao float8"
+                log.info(f"precision: FP8 via {what} (activations/master weights {p.dtype}; {p.reason})")
+                return p
+            if rec is not None and type(rec).__name__ == "MXFP8BlockScaling":
+                log.info(f"FP8: TransformerEngine MXFP8 unavailable ({why}); trying DelayedScaling")
+                why = ""
         reasons.append(f"{b}: {why}")
     msg = "; ".join(reasons)
     if strict:

@@ -42,11 +42,10 @@ def ensure_data(opts: TrainOptions, rt: Runtime) -> list[tuple[str, float]]:
             if not Path(d).is_dir():
                 raise FurnaceError(f"--data {d}: no such folder (make one with: python data/prepare.py --out {d} ...)")
         return sources
-    if not (DEFAULT_DATA / "manifest.json").is_file():
-        if rt.is_main:
-            log.info(f"data: preparing the embedded default corpus (Python standard library) in {DEFAULT_DATA}")
-            prepare(DEFAULT_DATA)
-        rt.barrier()
+    if rt.is_main and not (DEFAULT_DATA / "manifest.json").is_file():
+        log.info(f"data: preparing the embedded default corpus (Python standard library) in {DEFAULT_DATA}")
+        prepare(DEFAULT_DATA)
+    rt.barrier()  # on every rank: one that found rank 0's fresh manifest must not skip it (collectives pair up)
     opts.data = str(DEFAULT_DATA)
     return [(str(DEFAULT_DATA), 1.0)]
 

@@ -2,6 +2,7 @@
 (fresh, --init or --resume), wrapping (FP8, activation checkpointing, compile, DDP) and the run record."""
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -119,6 +120,11 @@ def wrap_model(model: GPT, opts: TrainOptions, rt: Runtime) -> torch.nn.Module:
     """FP8 conversion, activation checkpointing, torch.compile, then DDP."""
     convert_linears(model, rt.precision)
     model.activation_checkpointing = opts.activation_checkpointing
+    if opts.activation_checkpointing and rt.precision.fp8 == "te":
+        # torch.utils.checkpoint recomputes in backward, outside fp8_autocast: TE's te.distributed.checkpoint
+        # restores the FP8 state and reuses the forward's scaling factors (TransformerEngine issue 415).
+        from transformer_engine.pytorch.distributed import checkpoint as te_checkpoint
+        model.checkpoint_fn = functools.partial(te_checkpoint, use_reentrant=False)
     wrapped: torch.nn.Module = model
     if opts.compile:
         wrapped = torch.compile(wrapped)
