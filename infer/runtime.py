@@ -42,14 +42,9 @@ def set_threads(n: int | None = None) -> int:
 
 
 def pick_device(device: str | None) -> torch.device:
-    if device in (None, "", "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        d = torch.device(device)
-    except RuntimeError:
-        raise FurnaceError(f"--device {device!r}: expected cpu, cuda or cuda:N") from None
-    if d.type == "cuda" and not torch.cuda.is_available():
-        raise FurnaceError(f"--device {device}: CUDA is not available on this machine; use --device cpu")
+    """--device for inference: the same rules as training (train.precision.resolve_device)."""
+    from train.precision import resolve_device
+    d = resolve_device(device or "auto")
     if d.type not in ("cpu", "cuda"):
         raise FurnaceError(f"--device {device}: expected cpu or cuda")
     return d

@@ -48,6 +48,7 @@ class Precision:
 
 
 def resolve_device(name: str) -> torch.device:
+    """--device auto | cpu | cuda | cuda:N, checked against this machine."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
