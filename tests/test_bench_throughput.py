@@ -38,15 +38,6 @@ def report(tmp_path_factory):
     return out, tmp
 
 
-@pytest.fixture
-def one_thread():
-    """In-process rows on one thread: the test machine is shared and 2 spinning OpenMP threads crawl there."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def test_last_stdout_line_is_the_json_report(report):
     out, tmp = report
     doc = json.loads(out.stdout.strip().splitlines()[-1])

@@ -37,14 +37,7 @@ def train_tiny(steps: int = 80, seed: int = 0):
     return model.eval(), tok
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny shapes gain nothing from threads, and on a shared 2-core box OpenMP threads waiting for a busy
-    core slow them 10x; restored afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
