@@ -245,11 +245,11 @@ def _run_dpo(opts: TrainOptions, ft: FinetuneOptions, rt: Runtime) -> dict:
     fpu = flops_per_token(model.config, opts.seq_len) * mean_len
     log.info(f"DPO: {len(train)} train / {len(val)} held-out pairs, beta {beta}; batch {opts.batch_size} pairs x "
              f"{opts.grad_accum} x {rt.world_size}; {opts.max_steps} steps; out {run_dir}")
-    log.info("DPO: the loop's tokens and tokens/s count preference pairs (the loss's unit); loss starts at ln 2 = 0.6931")
+    log.info("DPO: the loop counts preference pairs (the loss unit: pair/s on the console; tokens and tokens_per_s in metrics.jsonl); loss starts at ln 2 = 0.6931")
     summary = run_loop(opts, rt, model, run_dir, resume_ckpt, loader, None, run_dir / "tokenizer",
                        seq_len=opts.seq_len, eval_batches=1, flops_per_unit=fpu, count_fn=count_pairs,
                        run_record=_record(ft, init_ckpt, bad, len(train), len(val)),
-                       loss_fn=lambda m, b: dpo_step(m, b, beta), eval_fn=eval_fn)
+                       loss_fn=lambda m, b: dpo_step(m, b, beta), eval_fn=eval_fn, unit="pair")
     if rt.is_main:
         log.info(f"chat with it: python infer/chat.py --ckpt {run_dir}")
     return summary

@@ -68,6 +68,7 @@ class LoopConfig:
     flops_per_token: float = 0.0      # model.flops formula at the training seq_len
     peak_tflops: float | None = None  # dense BF16 peak of this device (None: MFU not reported)
     peak_tflops_fp8: float | None = None
+    unit: str = "tok"                 # what count_fn counts, for the console ("pair" for DPO)
 
 
 @dataclass
@@ -238,9 +239,9 @@ class Trainer:
                 self.metrics.write(rec)
                 if bar is not None:
                     bar.update(1)
-                    bar.set_postfix_str(format_step(rec).split(" | ", 1)[1])
+                    bar.set_postfix_str(format_step(rec, unit=self.cfg.unit).split(" | ", 1)[1])
                 elif is_main and (st.step % cfg.log_every == 0 or st.step == 1):
-                    log.info(format_step(rec, extra=tuple(out.get("metrics", {}))))
+                    log.info(format_step(rec, extra=tuple(out.get("metrics", {})), unit=self.cfg.unit))
                 if out["skipped"]:
                     self._on_bad_step(out)
                 if self._stop_requested(stop):

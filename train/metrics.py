@@ -54,13 +54,14 @@ class MetricsLog:
             self._f.close()
 
 
-def format_step(rec: dict, extra: tuple[str, ...] = ()) -> str:
+def format_step(rec: dict, extra: tuple[str, ...] = (), unit: str = "tok") -> str:
     """One console line; `extra` names further float fields of `rec` to show (a loss_fn's own metrics)."""
     parts = [f"step {rec['step']}", f"loss {rec['loss']:.4f}", *(f"{k} {rec[k]:.4f}" for k in extra if k in rec),
              f"lr {rec['lr']:.2e}"]
     if rec.get("grad_norm") is not None:
         parts.append(f"gnorm {rec['grad_norm']:.2f}")
-    parts.append(f"{rec['tokens_per_s']:,.0f} tok/s")
+    parts.append(f"{rec['tokens_per_s']:,.1f} {unit}/s" if rec["tokens_per_s"] < 100 else
+                 f"{rec['tokens_per_s']:,.0f} {unit}/s")
     if rec.get("mfu") is not None:
         parts.append(f"MFU {100 * rec['mfu']:.1f}%")
     if rec.get("peak_mem_gb") is not None:

@@ -25,7 +25,7 @@ def run_loop(opts: TrainOptions, rt: Runtime, model: GPT, run_dir: Path, resume_
              train_loader, val_loader, tokenizer_dir: Path | None, *, seq_len: int, eval_batches: int,
              run_record: dict, loss_fn: Callable = lm_loss, count_fn: Callable = count_targets,
              eval_fn: Callable | None = None, wandb_config: dict | None = None,
-             flops_per_unit: float | None = None) -> dict:
+             flops_per_unit: float | None = None, unit: str = "tok") -> dict:
     """Train `model` (unwrapped, on rt.device) to opts.max_steps; returns the loop's summary.
     `run_record` goes into OUT/config.json beside the options (a fresh run only). `flops_per_unit`: training
     FLOPs per loss unit counted by `count_fn` when that unit is not an input token (SFT's trained tokens,
@@ -37,6 +37,7 @@ def run_loop(opts: TrainOptions, rt: Runtime, model: GPT, run_dir: Path, resume_
     lcfg = loop_config(opts, model, seq_len, rt, opts.max_steps, eval_batches)
     if flops_per_unit is not None:
         lcfg.flops_per_token = flops_per_unit
+    lcfg.unit = unit
 
     wandb_run = None
     state = load_trainer_state(resume_ckpt) if resume_ckpt is not None else None
