@@ -5,7 +5,8 @@ Decode is memory-bandwidth bound (every token reads every weight), so bytes per 
 int8: every nn.Linear in the blocks and the LM head becomes an `Int8Linear` holding int8 weights with one
 fp32 scale per output channel (symmetric, scale = max|w_row| / 127). The token embedding stays fp32 (a
 lookup reads one row per token, not the matrix); with tied embeddings the LM head gets its own int8 copy.
-Norm weights, RoPE tables and the KV cache stay fp32.
+Norm weights, RoPE tables and the KV cache stay fp32. q/k/v and gate/up are fused into one int8 linear each
+(the model's `qkv_proj` / `gate_up_proj` hooks): 4 calls per layer instead of 7.
 
 CPU matmul kernel, measured on a 2-core AVX-512 EPYC (bench/generate.py, infer/README.md): FBGEMM's
 dynamic int8 linear (`quantized::linear_dynamic`: activations quantized per call to uint8, int32
@@ -114,25 +115,44 @@ class Int8Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, backend={self.backend}"
 
 
+def _float_linear(weight: torch.Tensor) -> nn.Linear:
+    lin = nn.Linear(weight.shape[1], weight.shape[0], bias=False, device=weight.device, dtype=weight.dtype)
+    lin.weight.data.copy_(weight)
+    return lin
+
+
+def fuse_projections(model: GPT, make_linear) -> GPT:
+    """q|k|v and gate|up into one linear each (the model's `qkv_proj` / `gate_up_proj` hooks): one call per
+    group instead of three and two, for the same numbers (stacked rows; int8 scales are per row)."""
+    with torch.no_grad():
+        for block in model.layers:
+            a, m = block.attn, block.mlp
+            if a.qkv_proj is not None:
+                continue
+            a.qkv_proj = make_linear(torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]))  # (d+2kv, d)
+            m.gate_up_proj = make_linear(torch.cat([m.gate_proj.weight, m.up_proj.weight]))         # (2 ffn, d)
+            del a.q_proj, a.k_proj, a.v_proj, m.gate_proj, m.up_proj
+    return model
+
+
 def quantize(model: GPT, mode: str) -> GPT:
-    """Convert `model` in place for inference: 'fp32' (no change), 'bf16' (weights and activations bf16;
+    """Convert `model` in place for inference (q|k|v and gate|up fused in every mode): 'fp32', 'bf16' (weights and activations bf16;
     RoPE tables stay fp32) or 'int8' (see the module docstring). Returns the model (eval mode)."""
     if mode not in MODES:
         raise FurnaceError(f"--dtype {mode!r}: expected one of {', '.join(MODES)}")
     model.eval()
     if mode == "fp32":
-        return model.float()
+        return fuse_projections(model.float(), _float_linear)
     if mode == "bf16":
         cos, sin = model.rope_cos, model.rope_sin
         model.to(torch.bfloat16)
         model.rope_cos, model.rope_sin = cos, sin
-        return model
+        return fuse_projections(model, _float_linear)
     model.float()
+    fuse_projections(model, Int8Linear)
     for block in model.layers:
-        for parent in (block.attn, block.mlp):
-            for name, child in list(parent.named_children()):
-                if isinstance(child, nn.Linear):
-                    setattr(parent, name, Int8Linear(child.weight))
+        block.attn.o_proj = Int8Linear(block.attn.o_proj.weight)
+        block.mlp.down_proj = Int8Linear(block.mlp.down_proj.weight)
     # A tied head shares the embedding Parameter: quantize a copy of it, the embedding stays fp32.
     model.lm_head = Int8Linear(model.lm_head.weight)
     return model
