@@ -232,3 +232,21 @@ def test_sft_cli_trains_skips_bad_records_and_saves_template(tmp_path, init_ckpt
     c = subprocess.run([sys.executable, str(ROOT / "infer" / "chat.py"), "--ckpt", str(out), "--prompt", "Add 3.",
                         "--max-new-tokens", "4", "--dtype", "fp32"], capture_output=True, text=True, timeout=120)
     assert c.returncode == 0, c.stderr
+
+
+def test_sft_resume_after_sigkill_reproduces_losses(tmp_path, init_ckpt):
+    f = write_jsonl(tmp_path / "good.jsonl", GOOD)
+    common = ["--init", str(init_ckpt), "--data", str(f), "--max-steps", "6", "--save-every", "2", *SMALL]
+
+    def losses(d):
+        return {r["step"]: r["loss"] for r in map(json.loads, (d / "metrics.jsonl").read_text().splitlines())
+                if "loss" in r}
+
+    assert run_cli("train_sft.py", [*common, "--out", str(tmp_path / "a")], tmp_path).returncode == 0
+    env_kill = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "FURNACE_TEST_SIGKILL_AT_STEP": "3"}
+    killed = subprocess.run([sys.executable, str(ROOT / "sft" / "train_sft.py"), *common, "--out", str(tmp_path / "b")],
+                            cwd=tmp_path, env=env_kill, capture_output=True, text=True, timeout=300)
+    assert killed.returncode == -9
+    p = run_cli("train_sft.py", [*common, "--out", str(tmp_path / "b"), "--resume"], tmp_path)
+    assert p.returncode == 0, p.stderr
+    assert losses(tmp_path / "a") == losses(tmp_path / "b") and len(losses(tmp_path / "a")) == 6
