@@ -19,7 +19,7 @@ import os
 from pathlib import Path
 from typing import Iterable
 
-from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, trainers
+from tokenizers import AddedToken, decoders, models, pre_tokenizers, trainers
 from tokenizers import Tokenizer as HFTokenizer
 
 from model.errors import FurnaceError

@@ -6,7 +6,7 @@ against a hand formula.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from model.errors import FurnaceError
 

@@ -28,7 +28,7 @@ from sft.packing import PackedSFTLoader
 from train.checkpoint import check_out_dir
 from train.options import RUN_DEFINING, TrainOptions
 from train.runner import run_loop
-from train.setup import Runtime, build_model, check_seq_len, default_out, init_runtime, latest_default_out
+from train.setup import Runtime, build_model, check_seq_len, default_out, latest_default_out, with_runtime
 
 log = logging.getLogger("furnace")
 CPU_DEFAULTS = {"sft": dict(batch_size=8, seq_len=512), "dpo": dict(batch_size=8, seq_len=512)}
@@ -140,11 +140,7 @@ def _record(ft: FinetuneOptions, init_ckpt: Path, bad: BadRecords, n_train: int,
 # ---- SFT -------------------------------------------------------------------------------------------
 def run_sft(opts: TrainOptions, ft: FinetuneOptions) -> dict:
     ft.kind = "sft"
-    rt = init_runtime(opts)
-    try:
-        return _run_sft(opts, ft, rt)
-    finally:
-        rt.close()
+    return with_runtime(_run_sft, opts, ft)
 
 
 def read_sft(arg: str, tok, max_len: int, bad: BadRecords, truncate: bool = False) -> list:
@@ -188,11 +184,7 @@ def _run_sft(opts: TrainOptions, ft: FinetuneOptions, rt: Runtime) -> dict:
 # ---- DPO -------------------------------------------------------------------------------------------
 def run_dpo(opts: TrainOptions, ft: FinetuneOptions) -> dict:
     ft.kind = "dpo"
-    rt = init_runtime(opts)
-    try:
-        return _run_dpo(opts, ft, rt)
-    finally:
-        rt.close()
+    return with_runtime(_run_dpo, opts, ft)
 
 
 def read_pairs(arg: str, tok, max_len: int, bad: BadRecords, truncate: bool = False) -> list:

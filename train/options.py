@@ -7,7 +7,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from model.config import KERNEL_IMPLS, PRESETS
@@ -110,7 +110,7 @@ def add_arguments(ap: argparse.ArgumentParser, defaults: TrainOptions | None = N
         flag = "--" + f.name.replace("_", "-")
         default = getattr(defaults, f.name)
         if isinstance(default, bool):
-            ap.add_argument(flag, action="store_true", default=None, help=f"(default: off)")
+            ap.add_argument(flag, action="store_true", default=None, help="(default: off)")
         else:
             kw = {"choices": [c for c in _CHOICES[f.name] if c]} if f.name in _CHOICES else {}
             typ = _count if isinstance(default, int) else type(default)

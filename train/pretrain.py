@@ -12,7 +12,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import argparse  # noqa: E402
 
 from model.errors import run_cli  # noqa: E402
-from train.options import TrainOptions, add_arguments, options_from_args  # noqa: E402
+from train.options import add_arguments, options_from_args  # noqa: E402
 
 
 def main(argv=None):

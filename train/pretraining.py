@@ -14,7 +14,7 @@ from train.checkpoint import check_out_dir
 from train.loop import lm_loss
 from train.options import RUN_DEFINING, TrainOptions
 from train.runner import run_loop
-from train.setup import (Runtime, build_model, check_seq_len, default_out, init_runtime, latest_default_out,
+from train.setup import (Runtime, build_model, check_seq_len, default_out, latest_default_out, with_runtime,
                          pad_vocab)
 
 log = logging.getLogger("furnace")
@@ -51,11 +51,7 @@ def ensure_data(opts: TrainOptions, rt: Runtime) -> list[tuple[str, float]]:
 
 
 def run(opts: TrainOptions) -> dict:
-    rt = init_runtime(opts)
-    try:
-        return _run(opts, rt)
-    finally:
-        rt.close()
+    return with_runtime(_run, opts)
 
 
 def _run(opts: TrainOptions, rt: Runtime) -> dict:

@@ -70,6 +70,15 @@ def init_runtime(opts: TrainOptions) -> Runtime:
     return rt
 
 
+def with_runtime(job, opts: TrainOptions, *args) -> dict:
+    """Run `job(opts, *args, rt)` inside a runtime (devices, DDP, precision) that is always closed."""
+    rt = init_runtime(opts)
+    try:
+        return job(opts, *args, rt)
+    finally:
+        rt.close()
+
+
 def default_out(name: str) -> Path:
     """runs/NAME, or runs/NAME-2, -3, ... when taken (only when --out was not given)."""
     base = Path("runs") / name
