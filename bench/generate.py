@@ -1,9 +1,11 @@
 """CPU generation speed: time to first token and decode tokens/s for our generate (fp32, bf16, int8) next to
 Hugging Face transformers' generate on the same weights (exported by infer/hf_export.py), with the
-memory-bandwidth bound: measured matrix-vector GB/s / weight bytes read per token.
+memory-bandwidth bound: the best matrix-vector GB/s measured in the run (fp32, bf16 and int8 kernels over a
+256 MiB matrix) / weight bytes read per token. Our rows come eager and with the compiled decode step.
 
     python bench/generate.py                       # presets 26m and 112m, random weights
     python bench/generate.py --presets 26m --new-tokens 32 --repeats 2
+    python bench/generate.py --presets 112m --dtypes int8 --hf-dtypes "" --compile on   # the 150 tok/s target
 The last stdout line is one JSON document with every number and the conditions.
 """
 import sys
@@ -26,6 +28,8 @@ def main(argv=None):
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--repeats", type=int, default=3, help="timed runs per setting (after one warm-up)")
     p.add_argument("--threads", type=int, default=None, help="default: physical cores")
+    p.add_argument("--compile", default="both", choices=["both", "on", "off"],
+                   help="our rows with the eager and/or the compiled decode step (infer.decode)")
     return run_bench(p.parse_args(argv))
 
 

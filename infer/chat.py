@@ -3,6 +3,7 @@
     python infer/chat.py --ckpt runs/sft                      # interactive; /reset, /exit, Ctrl-D
     python infer/chat.py --ckpt runs/sft --prompt "Hi"        # answer once and exit
     python infer/chat.py --ckpt runs/base --complete --prompt "def fib(n):"
+    python infer/chat.py --ckpt runs/sft --compile off        # start at once, decode in eager mode
 """
 import sys
 from pathlib import Path
@@ -32,6 +33,9 @@ def main(argv=None):
                    help="auto = int8 on CPU, bf16 on CUDA")
     p.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N or auto")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: physical cores)")
+    p.add_argument("--compile", choices=["auto", "on", "off"], default="auto",
+                   help="compile the CPU decode step (~1.5x faster decode; the first start compiles for 30-45 s, "
+                        "later ones ~10 s). auto = on for models of >= 20M matmul parameters")
     return run_chat(p.parse_args(argv))
 
 

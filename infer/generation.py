@@ -10,6 +10,7 @@ from typing import Callable, Sequence
 
 import torch
 
+from infer.decode import last_logits as _last_logits
 from infer.sampling import SamplingParams, next_token
 from model.gpt import GPT, KVCache
 
@@ -84,8 +85,3 @@ def generate(model: GPT, prompt_ids: Sequence[int], max_new_tokens: int, tempera
             full = torch.tensor([ids + out], dtype=torch.long, device=device)  # (1, T)
             logits = _last_logits(model, full, None)
 
-
-def _last_logits(model: GPT, x: torch.Tensor, cache: KVCache | None) -> torch.Tensor:
-    """Logits (V,) fp32 of the last position only (the LM head runs on one row, not T)."""
-    h = model.hidden_states(x, cache)                                     # (1, T, d)
-    return model.lm_head(h[:, -1]).float()[0]                            # (V,)

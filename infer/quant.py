@@ -11,8 +11,9 @@ Norm weights, RoPE tables and the KV cache stay fp32. q/k/v and gate/up are fuse
 CPU matmul kernel, measured on a 2-core AVX-512 EPYC (bench/generate.py, infer/README.md): FBGEMM's
 dynamic int8 linear (`quantized::linear_dynamic`: activations quantized per call to uint8, int32
 accumulation) reads int8 weights at ~30-40 GB/s, 10x faster than fp32 for the 49152x768 LM head and
-~2-3x faster than `torch._weight_int8pack_mm` (bf16 activations) or torchao's eager int8 paths. It is
-used when available; otherwise `_weight_int8pack_mm`, then dequantize-and-matmul (logged once).
+~2-3x faster than `torch._weight_int8pack_mm` (bf16 activations), torchao's eager int8 paths or oneDNN's
+qlinear. It is used when available, called through `infer.int8_op` (a small C++ operator, so torch.compile
+can trace it); otherwise `_weight_int8pack_mm`, then dequantize-and-matmul (logged once).
 """
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from infer import int8_op
 from model.errors import FurnaceError
 from model.gpt import GPT
 
@@ -95,15 +97,26 @@ class Int8Linear(nn.Module):
         self.backend = backend or (cpu_int8_backend() if device.type == "cpu" else cuda_int8_backend())
         self.register_buffer("qweight", q.to(device))                       # (N, K) int8
         self.register_buffer("scale", scale.to(device))                     # (N,) fp32
-        self._packed = None
+        self._packed, self._key, self._op = None, None, None
         if self.backend == "fbgemm":
             self._packed = torch.ops.quantized.linear_prepack(_quantized_tensor(q, scale), None)
+            self._key, self._op = int8_op.hold(self._packed), int8_op.linear_op()  # see infer/int8_op.py
+
+    def __del__(self):
+        if getattr(self, "_key", None) is not None:
+            try:
+                int8_op.release(self._key)
+            except Exception:  # noqa: BLE001 - interpreter shutdown: modules already torn down
+                pass
+
+    def __deepcopy__(self, memo):
+        raise TypeError("Int8Linear cannot be deep-copied: copy the float model, then quantize the copy")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, self.in_features)                                # (M, K)
         if self.backend == "fbgemm":
-            y = torch.ops.quantized.linear_dynamic(x2.float(), self._packed, False)  # (M, N) fp32
+            y = self._op(x2.float(), self._key, self.out_features)           # (M, N) fp32
         elif self.backend == "int8pack":
             y = torch._weight_int8pack_mm(x2.to(torch.bfloat16), self.qweight,
                                           self.scale.to(torch.bfloat16)).float()

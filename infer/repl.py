@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import sys
 
+from infer.decode import compile_decode, wants_compile
 from infer.runtime import load_for_inference, set_threads
 from infer.sampling import SamplingParams
 from infer.session import ChatSession, CompletionSession
@@ -26,6 +27,8 @@ def make_session(args):
     sampling = SamplingParams(args.temperature, args.top_k, args.top_p, args.repetition_penalty)
     set_threads(args.threads)
     model, tok, _ = load_for_inference(args.ckpt, args.device, args.dtype, args.tokenizer)
+    if wants_compile(args.compile, model):
+        compile_decode(model)
     kw = dict(sampling=sampling, max_new_tokens=args.max_new_tokens, seed=args.seed, write=_out, notice=_note)
     if args.complete:
         return CompletionSession(model, tok, **kw)

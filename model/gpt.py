@@ -34,14 +34,32 @@ class RMSNorm(nn.Module):
 
 
 class KVCache:
-    """Preallocated keys/values for incremental decoding. `pos` = number of positions filled."""
+    """Preallocated keys/values for incremental decoding. `pos` = number of positions filled.
+
+    One tensor per layer (not one (L, ...) tensor) and writes through `index_copy_`: a compiled decode step
+    (infer.decode) then updates the cache in place instead of copying a whole functional cache per layer."""
 
     def __init__(self, cfg: GPTConfig, batch_size: int, max_len: int, device=None, dtype=torch.float32):
-        shape = (cfg.n_layer, batch_size, max_len, cfg.n_kv_head, cfg.head_dim)  # (L, B, Tmax, Hkv, hd)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        shape = (batch_size, max_len, cfg.n_kv_head, cfg.head_dim)                # (B, Tmax, Hkv, hd)
+        with torch.inference_mode(False):  # the same kind of tensor whether made inside inference mode or not
+            self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layer)]
+            self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layer)]
         self.max_len = max_len
         self.pos = 0
+
+    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store k, v (B, T, Hkv, hd) at positions pos..pos+T-1 of `layer`; return that layer's keys and
+        values for positions 0..pos+T-1, (B, pos+T, Hkv, hd) each (views, no copy)."""
+        B, T = k.shape[:2]
+        idx = torch.arange(self.pos, self.pos + T, device=k.device)
+        ck, cv = self.k[layer], self.v[layer]
+        if B == ck.shape[0]:
+            ck.index_copy_(1, idx, k)
+            cv.index_copy_(1, idx, v)
+        else:                                                                      # a smaller batch
+            ck[:B].index_copy_(1, idx, k)
+            cv[:B].index_copy_(1, idx, v)
+        return ck[:B, :self.pos + T], cv[:B, :self.pos + T]
 
     def reset(self):
         self.pos = 0
@@ -76,11 +94,7 @@ class Attention(nn.Module):
         q = kernels.apply_rope(q, cos, sin, impl=impl)
         k = kernels.apply_rope(k, cos, sin, impl=impl)
         if cache is not None:
-            p = cache.pos
-            cache.k[self.layer, :B, p:p + T] = k
-            cache.v[self.layer, :B, p:p + T] = v
-            k = cache.k[self.layer, :B, :p + T]                        # (B, p+T, Hkv, hd)
-            v = cache.v[self.layer, :B, :p + T]
+            k, v = cache.write(self.layer, k, v)                       # (B, pos+T, Hkv, hd) each
         y = causal_attention(q, k, v, doc_ids)                         # (B, T, H, hd)
         return self.o_proj(y.reshape(B, T, cfg.n_embd))
 

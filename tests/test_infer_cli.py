@@ -45,16 +45,18 @@ def reference_answers(model, tok, turns, **kw):
 def test_one_shot_two_turn_and_complete(ckpt):
     d, model, tok = ckpt
     run_dir = d.parents[1]                                             # a run dir resolves to its newest checkpoint
-    common = ["--dtype", "fp32", "--max-new-tokens", "12", "--threads", "1"]
+    common = ["--dtype", "fp32", "--max-new-tokens", "12", "--threads", "1", "--compile", "off"]
     procs = [
         start(["--ckpt", str(d), "--prompt", "the cat sat on the", *common]),
         start(["--ckpt", str(run_dir), "--system", "be brief", *common]),
-        start(["--ckpt", str(d), "--complete", "--prompt", "the dog ran to the", "--max-new-tokens", "6"]),
+        start(["--ckpt", str(d), "--complete", "--prompt", "the dog ran to the", "--max-new-tokens", "6",
+               "--compile", "on"]),
     ]
     stdin = [None, "the cat sat on the\n\n/unknown\none two three\n", None]
     results = [finish(p, s) for p, s in zip(procs, stdin)]
     for rc, out, err in results:
         assert rc == 0 and "Traceback" not in err, err
+    assert "decode: compiled in" in results[2][2]
 
     (one, _, _), (two, _, err2), (comp, _, _) = [(o, r, e) for r, o, e in results]
     assert one == reference_answers(model, tok, ["the cat sat on the"], max_new_tokens=12)[0] + "\n"
@@ -62,7 +64,7 @@ def test_one_shot_two_turn_and_complete(ckpt):
                                  max_new_tokens=12)
     assert two == "".join(a + "\n" for a in expected)                   # the history carried into turn 2
     assert "unknown command" in err2
-    # Plain continuation of the learned text; the CLI default precision (int8 on CPU) keeps it.
+    # Plain continuation of the learned text; the CLI's default int8 with the compiled decode step keeps it.
     assert comp.startswith(" park.")
 
 
@@ -95,7 +97,7 @@ def test_bad_inputs_one_line_errors(ckpt, tmp_path):
 def test_prompt_longer_than_context_is_cut_with_notice(ckpt):
     d, model, tok = ckpt
     rc, out, err = finish(start(["--ckpt", str(d), "--prompt", "a b c d e f g " * 60, "--max-new-tokens", "4",
-                                 "--threads", "1"]))
+                                 "--threads", "1", "--compile", "off"]))
     assert rc == 0 and "kept the last" in err and "Traceback" not in err
     s = CompletionSession(model, tok, write=lambda _: None, notice=lambda _: None, max_new_tokens=4)
     assert len(s._truncate(list(range(500)), s.prompt_budget())) == s.prompt_budget()

@@ -1,0 +1,102 @@
+"""A compiled one-token decode step for CPU: `compile_decode(model)`.
+
+Why: decoding one token is a chain of ~60 small ops per layer (RMSNorm, RoPE, SwiGLU, cache writes, casts,
+views). Eager PyTorch spends 5-10 us on each, about 4 ms per token on 112m: as much as the int8 matmuls
+themselves (bench/generate.py, infer/README.md). torch.compile (inductor, C++ wrapper) fuses them into a few
+C++ loops and calls them and the int8 linears (infer/int8_op.py) from C++, with no Python per op.
+
+- One graph per model, dynamic in the cache position (prefill stays eager: it is compute bound).
+- First compile 30-45 s on 2 cores (112m); inductor caches it on disk, so later processes take 5-15 s.
+- Compile after quantize(): the graph is built for the model as it is then.
+- When compiling fails (no C++ compiler, an unsupported op, ...) the model decodes in eager mode, with one
+  log line saying why. CPU only: on CUDA the step stays eager.
+"""
+from __future__ import annotations
+
+import logging
+import time
+import types
+
+import torch
+
+from model.gpt import GPT, KVCache
+
+log = logging.getLogger("furnace")
+
+
+def eager_last_logits(model: GPT, x: torch.Tensor, cache: KVCache | None) -> torch.Tensor:
+    """Logits (V,) fp32 of the last position only (the LM head runs on one row, not T)."""
+    h = model.hidden_states(x, cache)                                     # (1, T, d)
+    return model.lm_head(h[:, -1]).float()[0]                            # (V,)
+
+
+def _step(model: GPT, x: torch.Tensor, cache: KVCache, pos: int) -> torch.Tensor:
+    cache.pos = pos  # an int argument: compiled once with a symbolic position, not once per position
+    return eager_last_logits(model, x, cache)
+
+
+AUTO_MIN_MATMUL_PARAMS = 20_000_000
+
+
+def wants_compile(choice: str, model: GPT) -> bool:
+    """--compile on | off | auto. auto: models of >= 20M matmul parameters, whose eager decode is bounded by
+    per-op overhead at ~100-250 tok/s on 2 cores; smaller ones decode fast enough not to wait for a compile."""
+    if choice == "auto":
+        return model.matmul_params() >= AUTO_MIN_MATMUL_PARAMS
+    return choice == "on"
+
+
+def compile_decode(model: GPT) -> bool:
+    """Compile `model`'s one-token decode step (used by infer.generate for every token after the prompt).
+    Compiles now, on a scratch cache, so failures show here. Returns True when the compiled step is in use."""
+    device = model.embed.weight.device
+    if device.type != "cpu":
+        log.info(f"decode: eager (the compiled decode step is for CPU; model on {device})")
+        return False
+    log.info("decode: compiling the one-token step (first time up to ~45 s on 2 cores; cached on disk after)")
+    t0 = time.perf_counter()
+    # Dynamo keeps compiled graphs per code object: give each model a copy of _step's code, so models in one
+    # process (bench/generate.py compiles six) never check each other's guards or share a recompile limit.
+    fn = types.FunctionType(_step.__code__.replace(), _step.__globals__, "decode_step")
+    step = torch.compile(fn, dynamic=True, options={"cpp_wrapper": True})
+    try:
+        with torch.inference_mode():
+            # Positions 2 and 3: position 0 (Tq == Tk, a different attention branch) never reaches the step,
+            # since a prompt always fills the cache first, and 0 / 1 are values dynamo specialises. The second
+            # call must reuse the first graph: one cache entry, so skipping guards later (last_logits) is sound.
+            cache = model.new_cache(1)
+            x = torch.zeros(1, 1, dtype=torch.long, device=device)
+            step(model, x, cache, 2)
+            with torch.compiler.set_stance("fail_on_recompile"):
+                step(model, x, cache, 3)
+    except Exception as e:  # noqa: BLE001 - any compile failure falls back to eager
+        first = (str(e).strip().splitlines() or [""])[0][:160]
+        log.warning(f"decode: eager (compiling the decode step failed: {type(e).__name__}: {first})")
+        model.decode_step = None
+        return False
+    model.decode_step, model.decode_cache_signature = step, _cache_signature(cache)
+    log.info(f"decode: compiled in {time.perf_counter() - t0:.1f} s")
+    return True
+
+
+def last_logits(model: GPT, x: torch.Tensor, cache: KVCache | None) -> torch.Tensor:
+    """Logits (V,) fp32 of x's last position; one-token steps with a cache take the compiled step if any."""
+    step = getattr(model, "decode_step", None)
+    if step is not None and cache is not None and x.shape == (1, 1) and _fits(model, x, cache):
+        # Dynamo's guards on every parameter and cache tensor cost ~0.35 ms per token on 112m (6%); _fits
+        # checks what they protect for the one graph this model's step holds, so they are skipped.
+        with torch.compiler.set_stance(skip_guard_eval_unsafe=True):
+            return step(model, x, cache, cache.pos)
+    return eager_last_logits(model, x, cache)
+
+
+def _cache_signature(cache: KVCache) -> tuple:
+    k = cache.k[0]
+    return len(cache.k), len(cache.v), tuple(k.shape), k.stride(), k.dtype, k.device, k.is_inference()
+
+
+def _fits(model: GPT, x: torch.Tensor, cache: KVCache) -> bool:
+    """The inputs the compiled step was built for: a one-token int64 id on the model's device, a cache like the
+    warm-up's (new_cache(1)), a position from 2 to the last free one, and inference mode (as in generate)."""
+    return (torch.is_inference_mode_enabled() and x.dtype == torch.long and x.device == cache.k[0].device
+            and 2 <= cache.pos < cache.max_len and _cache_signature(cache) == model.decode_cache_signature)
