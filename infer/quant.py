@@ -109,8 +109,10 @@ class Int8Linear(nn.Module):
             except Exception:  # noqa: BLE001 - interpreter shutdown: modules already torn down
                 pass
 
-    def __deepcopy__(self, memo):
-        raise TypeError("Int8Linear cannot be deep-copied: copy the float model, then quantize the copy")
+    def __reduce_ex__(self, protocol):
+        # A copy would share (and on deletion release) this module's slot: copy.copy, deepcopy and pickle refuse.
+        raise TypeError("Int8Linear holds its FBGEMM weights in a slot and cannot be copied or pickled: copy or "
+                        "save the float model, then quantize again")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape

@@ -1,4 +1,5 @@
 """The int8 operator (C++ and Python backends) and the compiled CPU decode step (infer.decode)."""
+import copy
 import logging
 import os
 import subprocess
@@ -47,6 +48,9 @@ def test_released_slot_errors_and_is_reused():
     lin._key = None                                                      # already released
     other = Int8Linear(torch.randn(8, 16))
     assert other._key == key                                             # the freed slot is taken again
+    for copy_fn in (copy.copy, copy.deepcopy):                           # a copy would share the slot
+        with pytest.raises(TypeError, match="cannot be copied"):
+            copy_fn(other)
 
 
 def test_python_operator_fallback_gives_the_same_numbers(tmp_path):
