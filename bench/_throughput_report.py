@@ -16,11 +16,10 @@ import torch
 
 from bench._throughput_rows import GRAD_CLIP, LR, WEIGHT_DECAY, precheck
 from model.config import get_preset
-from model.errors import FurnaceError
+from kernels.common import FurnaceError
 from model.flops import PEAK_TFLOPS, device_peak_name, flops_per_token, matmul_params
 from model.gpt import GPT
-from train.metrics import versions
-from train.setup import device_description, git_commit
+from train.metrics import run_record
 
 log = logging.getLogger("furnace")
 ROOT = Path(__file__).resolve().parents[1]
@@ -118,7 +117,7 @@ def config_block(preset: str, batch_size: int, seq_len: int, warmup: int, steps:
             "warmup_steps": warmup, "timed_steps": steps,
             "flops_per_token": flops_per_token(cfg, seq_len), "flop_formula": "6*N + 12*L*d*T (model/flops.py)",
             "peak_row": peak_row, "peak_tflops_bf16": bf16, "peak_tflops_fp8": fp8,
-            "step": (f"train.loop.Trainer.train_step: forward (fused linear+CE loss) + backward + grad clip "
+            "step": (f"train.trainer.Trainer.train_step: forward (fused linear+CE loss) + backward + grad clip "
                      f"{GRAD_CLIP} + AdamW (lr {LR}, wd {WEIGHT_DECAY}, train.optim.build_optimizer) on random tokens"),
             "timing": ("CUDA events around each step" if device.type == "cuda" else
                        "time.perf_counter around each step (CPU ops are synchronous)")
@@ -217,5 +216,4 @@ def write_plot(path: Path, report: dict) -> None:
 def build_report(device: torch.device, config: dict, rows: list[dict], cond: dict) -> dict:
     add_speedups(rows)
     cond["load_avg_1m_end"] = os.getloadavg()[0]
-    return {"device": device_description(device), "versions": versions(), "git_commit": git_commit(),
-            "config": config, "conditions": cond, "results": rows}
+    return {**run_record(device), "config": config, "conditions": cond, "results": rows}

@@ -1,7 +1,7 @@
 """One row of bench/throughput.py: which (variant, precision) pairs can run here, and the measurement of one
 pair in a fresh worker process.
 
-A bench step is the trainer's own step, `train.loop.Trainer.train_step` (forward with the fused linear +
+A bench step is the trainer's own step, `train.trainer.Trainer.train_step` (forward with the fused linear +
 cross-entropy loss, backward, grad-norm clip, AdamW step), on random token batches, so the numbers are what
 `train/pretrain.py` gets. Each row runs in its own process: clean peak-memory figures (CUDA allocator or the
 process's max RSS), no compile cache shared between rows, and a crash or OOM in one row cannot take the others
@@ -15,21 +15,19 @@ import os
 import resource
 import shutil
 import statistics
-import tempfile
 import time
-from pathlib import Path
 
 import torch
 
 from model.config import get_preset
-from model.errors import FurnaceError
+from kernels.common import FurnaceError
 from model.flops import flops_per_token, mfu, peak_tflops
 from model.gpt import GPT
-from train.loop import LoopConfig, Trainer
-from train.metrics import MetricsLog
-from train.optim import build_optimizer
-from train.precision import Precision, convert_linears, decide_precision, resolve_device
-from train.setup import check_seq_len
+from train.options import TrainOptions
+from train.precision import Precision, decide_precision, resolve_device
+from train.setup import Runtime, check_seq_len
+from train.task import LMTask
+from train.trainer import Trainer
 
 log = logging.getLogger("furnace")
 
@@ -168,18 +166,14 @@ def _measure(spec: dict) -> dict:
         rss_base, max_rss_base = _rss_bytes(), _max_rss_bytes()
 
     model = GPT(cfg).to(device)
-    convert_linears(model, prec)
-    wrapped = torch.compile(model) if variant == "compile" else model
-    opt = build_optimizer(model, LR, WEIGHT_DECAY, device.type)
-    loop_cfg = LoopConfig(max_steps=spec["warmup"] + spec["steps"], lr=LR, min_lr=LR, schedule="constant",
-                          grad_clip=GRAD_CLIP)
-    with tempfile.TemporaryDirectory() as tmp:   # the trainer wants a run dir; the bench never saves
-        trainer = Trainer(loop_cfg, wrapped, opt, RandomBatches(cfg.vocab_size, B, T, device), None, prec,
-                          device, Path(tmp), None, MetricsLog(Path(tmp), enabled=False))
-        t0 = time.perf_counter()
-        warm = [trainer.train_step() for _ in range(spec["warmup"])]
-        warmup_s = time.perf_counter() - t0
-        times, wall, outs = _timed_steps(trainer, spec["steps"], device)
+    opts = TrainOptions(max_steps=spec["warmup"] + spec["steps"], lr=LR, min_lr=LR, schedule="constant", warmup=1,
+                        grad_clip=GRAD_CLIP, weight_decay=WEIGHT_DECAY, compile=variant == "compile")
+    # The Trainer converts the FP8 layers, compiles and builds AdamW as for a run; the bench never saves.
+    trainer = Trainer(opts, LMTask(RandomBatches(cfg.vocab_size, B, T, device)), model, Runtime(device, precision=prec))
+    t0 = time.perf_counter()
+    warm = [trainer.train_step() for _ in range(spec["warmup"])]
+    warmup_s = time.perf_counter() - t0
+    times, wall, outs = _timed_steps(trainer, spec["steps"], device)
 
     skipped = sum(o["skipped"] for o in warm + outs)
     if skipped:

@@ -15,7 +15,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import argparse  # noqa: E402
 
-from model.errors import run_cli  # noqa: E402
+from kernels.common import run_cli  # noqa: E402
 
 TARGET_TOK_S = 20 * 196_000
 

@@ -21,7 +21,7 @@ from infer.hf_export import export_hf
 from infer.quant import Int8Linear, quantize, weight_bytes_per_token
 from infer.runtime import set_threads
 from model.config import get_preset
-from model.errors import FurnaceError
+from kernels.common import FurnaceError
 from model.gpt import GPT
 
 

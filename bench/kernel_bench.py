@@ -31,7 +31,7 @@ from kernels.rms_norm import rms_norm_ref  # noqa: E402
 from kernels.rope import apply_rope_ref  # noqa: E402
 from kernels.swiglu import swiglu_ref  # noqa: E402
 from model.config import get_preset  # noqa: E402
-from model.errors import FurnaceError, run_cli  # noqa: E402
+from kernels.common import FurnaceError, run_cli  # noqa: E402
 from model.flops import PEAK_GBPS, device_peak_name  # noqa: E402
 
 log = logging.getLogger("furnace")

@@ -19,7 +19,7 @@ from bench._throughput_report import (build_report, check_out_path, conditions, 
                                       format_table, parse_list, run_rows, write_json, write_plot)
 from bench._throughput_rows import DEFAULT_PRECISIONS, PRECISIONS, VARIANTS, measure  # noqa: E402
 from model.config import get_preset  # noqa: E402
-from model.errors import FurnaceError, run_cli  # noqa: E402
+from kernels.common import FurnaceError, run_cli  # noqa: E402
 from train.precision import resolve_device  # noqa: E402
 from train.setup import check_seq_len  # noqa: E402
 

@@ -30,7 +30,7 @@ import numpy as np
 from data.shards import ShardWriter, dtype_for_vocab, read_raw_uint16
 from data.sources import SourceStats, describe_sources, iter_documents
 from data.tokenizer import TOKENIZER_FILE, Tokenizer, gpt2_tokenizer, load_tokenizer, train_bpe
-from model.errors import FurnaceError
+from kernels.common import FurnaceError
 
 log = logging.getLogger("furnace")
 

@@ -20,7 +20,7 @@ import logging
 
 import torch
 
-from model.errors import FurnaceError
+from kernels.common import FurnaceError
 
 log = logging.getLogger("furnace")
 

@@ -29,7 +29,7 @@ import torch
 from data.build import MANIFEST_FILE, read_manifest
 from data.shards import HEADER_BYTES, read_header
 from data.tokenizer import TOKENIZER_FILE, load_tokenizer
-from model.errors import FurnaceError
+from kernels.common import FurnaceError
 
 log = logging.getLogger("furnace")
 STATE_VERSION = 1

@@ -13,7 +13,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import argparse  # noqa: E402
 
-from model.errors import run_cli  # noqa: E402
+from kernels.common import run_cli  # noqa: E402
 
 
 def main(argv=None):
@@ -44,7 +44,7 @@ def main(argv=None):
     args = ap.parse_args(argv)
 
     from data.build import DEFAULT_DATA_DIR, prepare
-    from model.errors import FurnaceError
+    from kernels.common import FurnaceError
     if args.out is None:
         if args.source or args.hf or args.tokenizer != "train:4096":
             raise FurnaceError("--out is required with --source, --hf or another --tokenizer")

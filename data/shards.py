@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from model.errors import FurnaceError
+from kernels.common import FurnaceError
 
 HEADER_INTS = 256
 HEADER_BYTES = HEADER_INTS * 4

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
-from model.errors import FurnaceError
+from kernels.common import FurnaceError
 
 log = logging.getLogger("furnace")
 

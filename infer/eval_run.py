@@ -8,7 +8,7 @@ import os
 from pathlib import Path
 
 from infer.runtime import load_for_inference, set_threads
-from model.errors import FurnaceError
+from kernels.common import FurnaceError
 from model.io import resolve_checkpoint
 
 log = logging.getLogger("furnace")

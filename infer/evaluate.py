@@ -18,7 +18,7 @@ sys.path.insert(0, str(_HERE.parent))
 import argparse  # noqa: E402
 
 from infer.eval_run import run_evaluation  # noqa: E402
-from model.errors import run_cli  # noqa: E402
+from kernels.common import run_cli  # noqa: E402
 
 
 def main(argv=None):

@@ -13,7 +13,7 @@ import logging  # noqa: E402
 
 from infer.hf_export import DTYPES, export_hf  # noqa: E402
 from infer.runtime import load_tokenizer_for  # noqa: E402
-from model.errors import run_cli  # noqa: E402
+from kernels.common import run_cli  # noqa: E402
 from model.io import load  # noqa: E402
 
 

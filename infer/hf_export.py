@@ -22,7 +22,7 @@ from safetensors.torch import save_file
 
 from data.chat_template import EOS, IM_END, JINJA_TEMPLATE, STOP_TOKENS
 from model.config import GPTConfig
-from model.errors import FurnaceError
+from kernels.common import FurnaceError
 from model.gpt import GPT
 from model.io import clean_state_dict
 

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from data.loader import check_tokenizer_match, folder_manifest
 from data.shards import read_shard
-from model.errors import FurnaceError
+from kernels.common import FurnaceError
 from model.gpt import GPT
 
 

@@ -26,7 +26,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from infer import int8_op
-from model.errors import FurnaceError
+from kernels.common import FurnaceError
 from model.gpt import GPT
 
 log = logging.getLogger("furnace")

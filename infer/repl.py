@@ -7,7 +7,7 @@ from infer.decode import compile_decode, wants_compile
 from infer.runtime import load_for_inference, set_threads
 from infer.sampling import SamplingParams
 from infer.session import ChatSession, CompletionSession
-from model.errors import FurnaceError
+from kernels.common import FurnaceError
 
 HELP = "commands: /reset (forget the conversation), /exit (or Ctrl-D); Ctrl-C stops the current answer"
 

@@ -9,7 +9,7 @@ import torch
 
 from data.tokenizer import TOKENIZER_FILE, load_tokenizer
 from infer.quant import quantize
-from model.errors import FurnaceError
+from kernels.common import FurnaceError
 from model.io import load, resolve_checkpoint
 
 log = logging.getLogger("furnace")

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
-from model.errors import FurnaceError
+from kernels.common import FurnaceError
 
 
 @dataclass(frozen=True)

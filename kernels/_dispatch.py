@@ -19,7 +19,7 @@ import os
 
 import torch
 
-from model.errors import FurnaceError
+from kernels.common import FurnaceError, log_once
 
 log = logging.getLogger("furnace")
 
@@ -50,16 +50,6 @@ INTERPRETED = TRITON_IMPORT_ERROR is None and os.environ.get("TRITON_INTERPRET",
     "1", "true", "on", "yes")
 
 
-@functools.lru_cache(maxsize=None)
-def _log_once_cached(msg: str) -> None:
-    log.info(msg)
-
-
-def _log_once(msg: str) -> None:
-    if not torch.compiler.is_compiling():  # dynamo skips the lru_cache and breaks the graph on logging
-        _log_once_cached(msg)
-
-
 def _interpret_env() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
 
@@ -70,12 +60,12 @@ def resolve(impl: str, x: torch.Tensor, op: str) -> str:
         raise FurnaceError(f"kernels.{op}: impl={impl!r}, expected one of {', '.join(IMPLS)}")
     if impl == "auto":
         if x.is_cuda and TRITON_IMPORT_ERROR is None and not INTERPRETED:
-            _log_once("kernels: Triton (CUDA tensors)")
+            log_once("kernels: Triton (CUDA tensors)")
             return "triton"
         reason = ("CPU tensors" if not x.is_cuda else
                   f"Triton unavailable: {TRITON_IMPORT_ERROR}" if TRITON_IMPORT_ERROR else
                   "TRITON_INTERPRET=1 is set")
-        _log_once(f"kernels: PyTorch reference ({reason})")
+        log_once(f"kernels: PyTorch reference ({reason})")
         return "torch"
     if impl == "triton":
         if TRITON_IMPORT_ERROR is not None:
@@ -102,7 +92,7 @@ def liger_module():
     except ImportError as e:
         raise FurnaceError(f"impl='liger' needs liger-kernel ({type(e).__name__}: {e}); "
                            "install it with `pip install liger-kernel` or use impl='triton'/'torch'") from e
-    _log_once("kernels: liger-kernel (comparison)")
+    log_once("kernels: liger-kernel (comparison)")
     return functional
 
 

@@ -1,13 +1,12 @@
 """Furnace model core: config + presets, the GPT, FLOP counting, save/load.
 
-Names are imported lazily (PEP 562) so that `from model.errors import FurnaceError` in a CLI that
-does not need torch does not pay for importing it.
+Names are imported lazily (PEP 562): importing `model` costs nothing until a name is used.
 """
 import importlib
 
 _EXPORTS = {
     "GPTConfig": "model.config", "PRESETS": "model.config", "get_preset": "model.config",
-    "FurnaceError": "model.errors",
+    "FurnaceError": "kernels.common",
     "flops_per_token": "model.flops", "mfu": "model.flops", "peak_tflops": "model.flops",
     "GPT": "model.gpt", "KVCache": "model.gpt",
     "save": "model.io", "load": "model.io", "latest_checkpoint": "model.io",

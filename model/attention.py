@@ -4,11 +4,12 @@ The backend is chosen once per process and logged in one line.
 """
 from __future__ import annotations
 
-import functools
 import logging
 
 import torch
 import torch.nn.functional as F
+
+from kernels.common import log_once
 
 log = logging.getLogger("furnace")
 
@@ -32,16 +33,6 @@ def _load_flash_attn():
 _FLASH_ATTN, _FLASH_ATTN_WHY = _load_flash_attn()
 
 
-@functools.lru_cache(maxsize=None)
-def _log_once_cached(msg: str) -> None:
-    log.info(msg)
-
-
-def _log_once(msg: str) -> None:
-    if not torch.compiler.is_compiling():  # logging inside a compiled region would break the graph
-        _log_once_cached(msg)
-
-
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                      doc_ids: torch.Tensor | None = None) -> torch.Tensor:
     """q: (B, Tq, H, hd); k, v: (B, Tk, Hkv, hd) with Tk >= Tq; query i sits at position Tk-Tq+i.
@@ -59,9 +50,9 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         return y.transpose(1, 2)
     if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and k.dtype == q.dtype and v.dtype == q.dtype:
         if _FLASH_ATTN is not None and hd % 8 == 0 and hd <= 256:  # flash-attn 2's head-dim limits
-            _log_once("attention: flash-attn")
+            log_once("attention: flash-attn")
             return _FLASH_ATTN(q, k, v, causal=True)  # bottom-right aligned causal mask, native GQA
-    _log_once(f"attention: SDPA ({_FLASH_ATTN_WHY or 'flash-attn needs bf16/fp16 CUDA q/k/v, head_dim % 8 == 0, <= 256'})")
+    log_once(f"attention: SDPA ({_FLASH_ATTN_WHY or 'flash-attn needs bf16/fp16 CUDA q/k/v, head_dim % 8 == 0, <= 256'})")
     qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H|Hkv, T, hd)
     gqa = bool(Hkv != H)  # SDPA shares each kv head among H // Hkv query heads (a bool, not a SymBool, under compile)
     if Tq == Tk:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from model.errors import FurnaceError
+from kernels.common import FurnaceError
 
 ROPE_SCALINGS = ("none", "linear", "ntk", "yarn")
 KERNEL_IMPLS = ("auto", "torch", "triton", "liger")
@@ -31,7 +31,9 @@ class GPTConfig:
     qk_norm: bool = False        # RMSNorm on q and k per head before RoPE
     tie_embeddings: bool = True  # LM head shares the token embedding matrix
     init_std: float = 0.02
-    kernels: str = "auto"        # auto | torch | triton | liger (see kernels/README.md)
+    # Which kernel implementation runs (auto | torch | triton | liger, see kernels/README.md): a choice of
+    # this process, not part of the model, so never saved (to_dict leaves it out; from_dict ignores it).
+    kernels: str = "auto"
 
     def __post_init__(self):
         self.validate()
@@ -62,11 +64,15 @@ class GPTConfig:
             bad(f"kernels={self.kernels!r}, expected one of {', '.join(KERNEL_IMPLS)}")
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        """The model's definition, as saved in config.json (without the runtime `kernels` choice)."""
+        d = dataclasses.asdict(self)
+        del d["kernels"]
+        return d
 
     @classmethod
     def from_dict(cls, d: dict, source: str = "config") -> "GPTConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
+        known = {f.name for f in dataclasses.fields(cls)} - {"kernels"}
+        d = {k: v for k, v in d.items() if k != "kernels"}  # older checkpoints saved the process's choice
         unknown = sorted(set(d) - known)
         if unknown:
             raise FurnaceError(f"{source}: unknown model config keys {unknown}; expected keys from {sorted(known)}")

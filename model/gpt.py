@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 import torch.utils.checkpoint
 
-import kernels
+from kernels import apply_rope, cross_entropy, fused_linear_cross_entropy, rms_norm, swiglu
 from model.attention import causal_attention
 from model.config import GPTConfig
 from model.flops import flops_per_token, matmul_params
@@ -30,7 +30,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
-        return kernels.rms_norm(x, self.weight, self.cfg.norm_eps, impl=self.cfg.kernels)
+        return rms_norm(x, self.weight, self.cfg.norm_eps, impl=self.cfg.kernels)
 
 
 class KVCache:
@@ -91,8 +91,8 @@ class Attention(nn.Module):
         v = v.view(B, T, cfg.n_kv_head, cfg.head_dim)                   # (B, T, Hkv, hd)
         if cfg.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
-        q = kernels.apply_rope(q, cos, sin, impl=impl)
-        k = kernels.apply_rope(k, cos, sin, impl=impl)
+        q = apply_rope(q, cos, sin, impl=impl)
+        k = apply_rope(k, cos, sin, impl=impl)
         if cache is not None:
             k, v = cache.write(self.layer, k, v)                       # (B, pos+T, Hkv, hd) each
         y = causal_attention(q, k, v, doc_ids)                         # (B, T, H, hd)
@@ -113,7 +113,7 @@ class MLP(nn.Module):
             gate, up = self.gate_up_proj(x).chunk(2, dim=-1)                     # (B, T, ffn) each
         else:
             gate, up = self.gate_proj(x), self.up_proj(x)
-        h = kernels.swiglu(gate, up, impl=self.cfg.kernels)                        # (B, T, ffn)
+        h = swiglu(gate, up, impl=self.cfg.kernels)                        # (B, T, ffn)
         return self.down_proj(h)
 
 
@@ -217,8 +217,8 @@ class GPT(nn.Module):
         impl = self.config.kernels
         if return_logits:
             logits = self.lm_head(h)                                               # (B, T, V)
-            loss = kernels.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index, z_loss, impl=impl)
+            loss = cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index, z_loss, impl=impl)
             return logits, loss
-        loss = kernels.fused_linear_cross_entropy(h.flatten(0, 1), self.lm_head.weight, targets.flatten(),
+        loss = fused_linear_cross_entropy(h.flatten(0, 1), self.lm_head.weight, targets.flatten(),
                                                   ignore_index, z_loss, impl=impl)
         return None, loss

@@ -15,7 +15,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from model.config import GPTConfig
-from model.errors import FurnaceError
+from kernels.common import FurnaceError
 from model.gpt import GPT
 
 CONFIG_FILE, WEIGHTS_FILE = "config.json", "model.safetensors"

@@ -1,4 +1,4 @@
-"""Direct Preference Optimization: the loss, sequence log-probs, pair batches and the reference cache.
+"""Direct Preference Optimization: the loss, sequence log-probs, pair batches, the task and the reference cache.
 
     loss = -mean(log sigmoid(beta * ((pi_c - ref_c) - (pi_r - ref_r))))     (Rafailov et al. 2023, sigmoid loss)
     chosen_reward = beta * (pi_c - ref_c), rejected_reward = beta * (pi_r - ref_r)
@@ -19,10 +19,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from model.errors import FurnaceError
+from kernels.common import FurnaceError
 from model.io import unwrap
 from sft.examples import IGNORE
 from sft.packing import pack_row
+from sft.sampler import EpochSampler
 
 log = logging.getLogger("furnace")
 
@@ -64,40 +65,19 @@ def pair_batch(pairs: list[Pair], pad_id: int, max_len: int, multiple: int = 16)
 
 
 class PairLoader:
-    """next_batch() -> {"x", "y": (2B, L), "ref": (2B,) reference log-probs or None, "n": B}.
-    Seeded order per epoch (seed + epoch), pairs dealt to ranks round-robin; state (epoch, pos) resumes exactly."""
+    """next_batch() -> {"x", "y": (2B, L), "ref": (2B,) reference log-probs or None, "n": B}, pairs in the
+    order of sft/sampler.py (seeded per epoch, dealt to ranks, exact resume)."""
 
     def __init__(self, pairs: list[Pair], ref: torch.Tensor | None, batch_size: int, pad_id: int, max_len: int,
                  seed: int = 0, shuffle: bool = True, rank: int = 0, world_size: int = 1, device="cpu"):
         if not pairs:
             raise ValueError("PairLoader needs at least one pair")
         self.pairs, self.ref, self.B, self.pad_id, self.max_len = pairs, ref, batch_size, pad_id, max_len
-        self.seed, self.shuffle, self.rank, self.world = seed, shuffle, rank, world_size
+        self.sampler = EpochSampler(len(pairs), seed, shuffle, rank, world_size)
         self.device = torch.device(device)
-        self.epoch, self.pos = 0, 0
-        self._order_epoch, self._order = -1, np.arange(0)
-
-    def order(self, epoch: int) -> np.ndarray:
-        if self._order_epoch != epoch:
-            n = len(self.pairs)
-            o = np.random.default_rng(self.seed + epoch).permutation(n) if self.shuffle else np.arange(n)
-            self._order = o[self.rank::self.world] if len(o) >= self.world else o
-            self._order_epoch = epoch
-        return self._order
-
-    def next_indices(self) -> list[int]:
-        out = []
-        for _ in range(self.B):
-            o = self.order(self.epoch)
-            if self.pos >= len(o):
-                self.epoch, self.pos = self.epoch + 1, 0
-                o = self.order(self.epoch)
-            out.append(int(o[self.pos]))
-            self.pos += 1
-        return out
 
     def next_batch(self) -> dict:
-        idx = self.next_indices()
+        idx = self.sampler.take(self.B)
         x, y = pair_batch([self.pairs[i] for i in idx], self.pad_id, self.max_len)
         nb = self.device.type == "cuda"
         b = {"x": x.to(self.device, non_blocking=nb), "y": y.to(self.device, non_blocking=nb), "n": len(idx)}
@@ -106,32 +86,50 @@ class PairLoader:
         return b
 
     def batches_per_epoch(self) -> int:
-        return max(1, -(-len(self.order(0)) // self.B))
+        return max(1, -(-len(self.sampler.units(0)) // self.B))
 
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "pos": self.pos, "seed": self.seed, "n_pairs": len(self.pairs)}
+        return self.sampler.state_dict()
 
     def load_state_dict(self, state: dict) -> None:
-        self.epoch, self.pos = int(state["epoch"]), int(state["pos"])
-
-    def reset(self) -> None:
-        self.epoch, self.pos = 0, 0
+        self.sampler.load_state_dict(state)
 
     def close(self) -> None:
         """Nothing to release; here for the loader interface."""
 
 
-def count_pairs(batch: dict) -> int:
-    return int(batch["n"])
+class DPOTask:
+    """The Trainer's task for DPO (train/task.py): the loss unit is a preference pair. Evaluation: loss and
+    reward metrics on a fixed probe of training pairs (train_*) and on the held-out pairs (val_*)."""
+    unit = "pair"
 
+    def __init__(self, train_loader: PairLoader, beta: float, val: list[Pair], ref_val: torch.Tensor | None,
+                 flops_per_unit: float, device, autocast, n_probe: int = 64):
+        self.train_loader, self.beta, self.flops_per_unit = train_loader, beta, flops_per_unit
+        n = min(len(train_loader.pairs), n_probe)
+        self.eval_sets = [("train_", train_loader.pairs[:n], train_loader.ref[:n])]
+        if val:
+            self.eval_sets.append(("val_", val, ref_val))
+        self.device, self.autocast = device, autocast
 
-def dpo_step(model, batch: dict, beta: float):
-    """The loop's loss_fn for DPO: (mean loss over the batch's pairs, metrics)."""
-    n = batch["n"]
-    logps = sequence_logps(model, batch["x"], batch["y"])                # (2n,)
-    ref = batch["ref"]
-    loss, cr, rr = dpo_loss(logps[:n], logps[n:], ref[:n], ref[n:], beta)
-    return loss, pair_metrics(cr, rr)
+    def count(self, batch: dict) -> int:
+        return int(batch["n"])
+
+    def loss(self, model, batch: dict):
+        """(mean loss over the batch's pairs, reward metrics)."""
+        n = batch["n"]
+        logps = sequence_logps(model, batch["x"], batch["y"])                # (2n,)
+        ref = batch["ref"]
+        loss, cr, rr = dpo_loss(logps[:n], logps[n:], ref[:n], ref[n:], self.beta)
+        return loss, pair_metrics(cr, rr)
+
+    def evaluate(self, model) -> dict:
+        ld = self.train_loader
+        out = {}
+        for prefix, pairs, ref in self.eval_sets:
+            out.update(evaluate_pairs(model, pairs, ref, self.beta, ld.B, ld.pad_id, ld.max_len, self.device,
+                                      self.autocast, prefix=prefix))
+        return out
 
 
 def pair_metrics(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor) -> dict:
@@ -152,12 +150,13 @@ def evaluate_pairs(model, pairs: list[Pair], ref: torch.Tensor, beta: float, bat
     for s in range(0, len(pairs), batch_size):
         chunk = pairs[s:s + batch_size]
         x, y = pair_batch(chunk, pad_id, max_len)
-        b = {"x": x.to(dev), "y": y.to(dev), "n": len(chunk),
-             "ref": torch.cat([ref[s:s + len(chunk), 0], ref[s:s + len(chunk), 1]]).to(dev)}
+        n = len(chunk)
         with autocast(dev.type):
-            loss, mets = dpo_step(m, b, beta)
-        for k, v in {"loss": loss.item(), **mets}.items():
-            tot[k] = tot.get(k, 0.0) + v * len(chunk)
+            logps = sequence_logps(m, x.to(dev), y.to(dev))                  # (2n,)
+        r = ref[s:s + n].to(dev)
+        loss, cr, rr = dpo_loss(logps[:n], logps[n:], r[:, 0], r[:, 1], beta)
+        for k, v in {"loss": loss.item(), **pair_metrics(cr, rr)}.items():
+            tot[k] = tot.get(k, 0.0) + v * n
     m.train(was_training)
     return {prefix + k: v / len(pairs) for k, v in tot.items()}
 

@@ -20,7 +20,7 @@ Truncation policy (`truncate`):
 from __future__ import annotations
 
 from data.chat_template import encode_chat_segments, require_chat_tokens
-from model.errors import FurnaceError
+from kernels.common import FurnaceError
 
 IGNORE = -100
 

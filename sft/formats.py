@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Iterator
 
 from data.chat_template import ROLES
-from model.errors import FurnaceError
+from kernels.common import FurnaceError
 
 log = logging.getLogger("furnace")
 _SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",

@@ -6,9 +6,9 @@ example. `doc_ids` (B, T) numbers the examples of a row (padding gets its own id
 then never crosses an example boundary (document masking, model/attention.py). RoPE is relative, so no
 position reset is needed: a packed example gets exactly the logits it would get alone (tested).
 
-Rows are planned per epoch: examples in a seeded random order (epoch e uses seed + e), placed greedily
-(an example that does not fit ends the row; the rest is padding). Rows are dealt to ranks round-robin.
-The loader's state is (epoch, next row): the plan is recomputed from the seed, so resume is exact.
+Rows are planned per epoch: examples in the order of sft/sampler.py (seeded per epoch), placed greedily
+(an example that does not fit ends the row; the rest is padding); the sampler deals rows to ranks and
+carries the resume position.
 """
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from sft.examples import IGNORE
+from sft.sampler import EpochSampler
 
 
 def plan_rows(lengths: list[int], seq_len: int, order) -> list[list[int]]:
@@ -62,54 +63,37 @@ class PackedSFTLoader:
         if not examples:
             raise ValueError("PackedSFTLoader needs at least one example")
         self.examples, self.B, self.T, self.pad_id = examples, batch_size, seq_len, pad_id
-        self.seed, self.shuffle, self.rank, self.world = seed, shuffle, rank, world_size
         self.device = torch.device(device)
         self.lengths = [len(ids) for ids, _ in examples]
-        self.epoch, self.pos = 0, 0
-        self._plan_epoch = -1
-        self._rows: list[list[int]] = []
+        self.sampler = EpochSampler(len(examples), seed, shuffle, rank, world_size,
+                                    group=lambda order: plan_rows(self.lengths, self.T, order))
 
     def rows_for_epoch(self, epoch: int) -> list[list[int]]:
-        if self._plan_epoch != epoch:
-            n = len(self.examples)
-            order = (np.random.default_rng(self.seed + epoch).permutation(n) if self.shuffle else np.arange(n))
-            rows = plan_rows(self.lengths, self.T, order)
-            if self.world > 1:
-                rows = rows[self.rank::self.world] or rows[:1]
-            self._rows, self._plan_epoch = rows, epoch
-        return self._rows
+        return self.sampler.units(epoch)
 
     def stats(self) -> dict:
         """Rows per epoch and how full they are (fraction of positions holding example tokens)."""
-        rows = self.rows_for_epoch(self.epoch)
+        rows = self.rows_for_epoch(0)
         filled = sum(self.lengths[i] for r in rows for i in r)
         trained = sum(sum(t != IGNORE for t in self.examples[i][1][1:]) for r in rows for i in r)
         return {"rows": len(rows), "fill": filled / (len(rows) * self.T), "trained_per_row": trained / len(rows)}
 
     def next_batch(self):
-        xs, ys, ds = [], [], []
-        for _ in range(self.B):
-            rows = self.rows_for_epoch(self.epoch)
-            if self.pos >= len(rows):
-                self.epoch, self.pos = self.epoch + 1, 0
-                rows = self.rows_for_epoch(self.epoch)
-            x, y, d = pack_row([self.examples[i] for i in rows[self.pos]], self.T, self.pad_id)
-            self.pos += 1
-            xs.append(x), ys.append(y), ds.append(d)
+        rows = [pack_row([self.examples[i] for i in r], self.T, self.pad_id) for r in self.sampler.take(self.B)]
         nb = self.device.type == "cuda"
-        return tuple(torch.from_numpy(np.stack(a)).to(self.device, non_blocking=nb) for a in (xs, ys, ds))
-
-    def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "pos": self.pos, "seed": self.seed, "n_examples": len(self.examples)}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.epoch, self.pos = int(state["epoch"]), int(state["pos"])
-
-    def reset(self) -> None:
-        self.epoch, self.pos = 0, 0
+        return tuple(torch.from_numpy(np.stack(a)).to(self.device, non_blocking=nb) for a in zip(*rows))
 
     def batches_per_epoch(self) -> int:
         return max(1, -(-len(self.rows_for_epoch(0)) // self.B))
+
+    def state_dict(self) -> dict:
+        return self.sampler.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.sampler.load_state_dict(state)
+
+    def reset(self) -> None:
+        self.sampler.reset()
 
     def close(self) -> None:
         """Nothing to release (no threads); here for the loader interface."""

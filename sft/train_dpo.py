@@ -7,16 +7,57 @@ Formats ({"chosen", "rejected"} message lists or TRL {"prompt", "chosen", "rejec
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+if __package__ in (None, ""):  # run as a file: put the repo root on sys.path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from model.errors import run_cli  # noqa: E402
-from sft.ft_options import build_parser, parse  # noqa: E402
+import logging  # noqa: E402
+
+from kernels.common import run_cli  # noqa: E402
+from sft.common import parse, run  # noqa: E402
+
+log = logging.getLogger("furnace")
 
 
 def main(argv=None):
-    opts, ft = parse("dpo", build_parser("dpo", __doc__), argv)
-    from sft.finetune import run_dpo
-    run_dpo(opts, ft)
+    opts, ft = parse("dpo", __doc__, argv)
+    run(opts, ft, dpo_task)
+
+
+def dpo_task(opts, ft, rt, job):
+    """Preference pairs with the DPO task. The reference log-probs come from the model as it is here (the
+    frozen --init model: resume weights are loaded later, by the Trainer), cached on disk."""
+    import hashlib
+    import json
+
+    from model.flops import flops_per_token
+    from sft.common import read_data, set_max_steps
+    from sft.dpo import DPOTask, PairLoader, cached_reference_logps, file_sha256, reference_logps
+    from sft.examples import build_sft_example
+    from sft.formats import dpo_messages
+
+    def build(pair):
+        return tuple(build_sft_example(job.tok, msgs, opts.seq_len, ft.truncate, last_only=True) for msgs in pair)
+
+    train, val, record = read_data(opts, ft, job, dpo_messages, build, rt.rank)
+    pad, model = job.tok.eos_id, job.model
+    key = hashlib.sha256()  # what the reference log-probs depend on besides the data
+    for part in (file_sha256(job.init_ckpt / "model.safetensors"), job.tok.sha256,
+                 json.dumps(model.config.to_dict(), sort_keys=True), rt.precision.name):
+        key.update(part.encode())
+    ref = cached_reference_logps(
+        Path(ft.ref_cache or Path("runs") / "cache" / "dpo-ref"), key.hexdigest(), train + val,
+        lambda: reference_logps(model, train + val, opts.batch_size, pad, opts.seq_len, rt.device, rt.precision.autocast))
+    loader = PairLoader(train, ref[:len(train)], opts.batch_size, pad, opts.seq_len, seed=opts.seed, rank=rt.rank,
+                        world_size=rt.world_size, device=rt.device)
+    set_max_steps(opts, rt.world_size, len(train))
+    mean_len = sum(len(c[0]) + len(r[0]) for c, r in train) / len(train)
+    log.info(f"DPO: {len(train)} train / {len(val)} held-out pairs, beta {ft.beta}; batch {opts.batch_size} pairs x "
+             f"{opts.grad_accum} x {rt.world_size}; {opts.max_steps} steps; out {job.run_dir}")
+    log.info("DPO: the loop counts preference pairs (the loss unit: pair/s on the console; tokens and tokens_per_s "
+             "in metrics.jsonl); loss starts at ln 2 = 0.6931")
+    task = DPOTask(loader, ft.beta, val, ref[len(train):], flops_per_token(model.config, opts.seq_len) * mean_len,
+                   rt.device, rt.precision.autocast)
+    return task, record
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ import torch
 from bench._throughput_report import NUMBERS, add_speedups, format_table, write_plot
 from bench._throughput_rows import measure, precheck
 from model.config import get_preset
-from model.errors import FurnaceError
+from kernels.common import FurnaceError
 from model.flops import flops_per_token
 
 ROOT = Path(__file__).resolve().parents[1]

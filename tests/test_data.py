@@ -13,7 +13,7 @@ from data import SPECIAL_TOKENS, load_tokenizer, prepare, read_manifest, read_sh
 from data.shards import read_header
 from data.sources import default_corpus_files, stdlib_root
 from data.tokenizer import GPT2_PATTERN, tiktoken_to_tokenizer
-from model.errors import FurnaceError
+from kernels.common import FurnaceError
 
 ROOT = Path(__file__).resolve().parents[1]
 PREPARE = str(ROOT / "data" / "prepare.py")

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from data import TokenLoader, check_tokenizer_match, parse_data_arg, write_shard
-from model.errors import FurnaceError
+from kernels.common import FurnaceError
 
 
 def make_folder(d: Path, shards: dict, sha="a" * 64, vocab=65536) -> Path:

@@ -13,11 +13,11 @@ import torch
 from data import train_bpe
 from model import GPT, GPTConfig
 from sft import IGNORE, PairLoader, build_sft_example, dpo_loss, reference_logps, sequence_logps
-from sft.dpo import LN2, cached_reference_logps, count_pairs, dpo_step, evaluate_pairs
-from train.loop import LoopConfig, Trainer
-from train.metrics import MetricsLog
+from sft.dpo import LN2, DPOTask, cached_reference_logps
+from train.options import TrainOptions
 from train.optim import build_optimizer
 from train.precision import Precision
+from train.trainer import Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -103,15 +103,12 @@ def test_dpo_drives_training_reward_accuracy_to_one(tmp_path, tok):
     ref = reference_logps(model, pairs, 4, tok.eos_id, 128, "cpu")
     ld = PairLoader(pairs, ref, batch_size=4, pad_id=tok.eos_id, max_len=128, seed=1)
     beta = 0.1
-    cfg = LoopConfig(max_steps=30, lr=1e-3, min_lr=1e-3, schedule="constant", log_every=1000, eval_every=15)
-    metrics = MetricsLog(tmp_path, enabled=True)
+    opts = TrainOptions(max_steps=30, lr=1e-3, min_lr=1e-3, schedule="constant", log_every=1000, eval_every=15)
     prec = Precision(torch.float32)
-    tr = Trainer(cfg, model, build_optimizer(model, cfg.lr, 0.0, "cpu"), ld, None, prec, torch.device("cpu"),
-                 tmp_path, None, metrics, loss_fn=lambda m, b: dpo_step(m, b, beta), count_fn=count_pairs,
-                 eval_fn=lambda t: evaluate_pairs(t.model, pairs, ref, beta, 4, tok.eos_id, 128, "cpu",
-                                                  prec.autocast, prefix="train_"))
+    # evaluation: the DPO task's probe of training pairs (all 8 here: fewer than its 64)
+    task = DPOTask(ld, beta, [], None, 0.0, "cpu", prec.autocast)
+    tr = Trainer(opts, task, model, run_dir=tmp_path, optimizer=build_optimizer(model, opts.lr, 0.0, "cpu"))
     summary = tr.fit()
-    metrics.close()
     recs = [json.loads(ln) for ln in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in recs if "loss" in r]
     assert steps[0]["loss"] == pytest.approx(LN2, abs=1e-5)                # policy == reference at step 0
@@ -187,8 +184,8 @@ def test_dpo_resume_after_sigkill_reproduces_losses(tmp_path, init_ckpt):
 
     a = run_dpo([*common, "--out", str(tmp_path / "a")], tmp_path)
     assert a.returncode == 0, a.stderr
-    env_kill = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "FURNACE_TEST_SIGKILL_AT_STEP": "3"}
-    killed = subprocess.run([sys.executable, str(ROOT / "sft" / "train_dpo.py"), *common, "--out", str(tmp_path / "b")],
+    env_kill = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    killed = subprocess.run([sys.executable, str(ROOT / "tests" / "kill_at_step.py"), "3", str(ROOT / "sft" / "train_dpo.py"), *common, "--out", str(tmp_path / "b")],
                             cwd=tmp_path, env=env_kill, capture_output=True, text=True, timeout=300)
     assert killed.returncode == -9, killed.stderr
     b = run_dpo([*common, "--out", str(tmp_path / "b"), "--resume"], tmp_path)

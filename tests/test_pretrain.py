@@ -27,10 +27,11 @@ def data_dir(tmp_path_factory):
     return out
 
 
-def run(args, cwd=None, env=None, check=True, timeout=300):
+def run(args, cwd=None, env=None, check=True, timeout=300, kill_at_step=None):
     e = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
-    p = subprocess.run([sys.executable, SCRIPT, *args], cwd=cwd or ROOT, env=e, capture_output=True, text=True,
-                       timeout=timeout)
+    killer = [str(ROOT / "tests" / "kill_at_step.py"), str(kill_at_step)] if kill_at_step is not None else []
+    p = subprocess.run([sys.executable, *killer, SCRIPT, *args], cwd=cwd or ROOT, env=e, capture_output=True,
+                       text=True, timeout=timeout)
     if check and p.returncode != 0:
         raise AssertionError(f"exit {p.returncode}\n{p.stdout}\n{p.stderr}")
     return p
@@ -67,7 +68,7 @@ def test_job_trains_evaluates_and_writes_a_loadable_checkpoint(tmp_path, data_di
 def test_resume_after_sigkill_reproduces_losses_exactly(tmp_path, data_dir):
     common = [*FAST, "--data", str(data_dir), "--max-steps", "10", "--save-every", "3", "--keep-last", "2"]
     run([*common, "--out", str(tmp_path / "a")])
-    killed = run([*common, "--out", str(tmp_path / "b")], env={"FURNACE_TEST_SIGKILL_AT_STEP": "7"}, check=False)
+    killed = run([*common, "--out", str(tmp_path / "b")], kill_at_step=7, check=False)
     assert killed.returncode == -9                                  # really killed, mid-run
     ck = sorted(p.name for p in (tmp_path / "b" / "checkpoints").iterdir())
     assert ck == ["step_00000003", "step_00000006"]                 # keep-last 2; nothing after step 6
@@ -158,10 +159,11 @@ def test_default_job_without_arguments_prepares_the_embedded_corpus(tmp_path, mo
     """The no-argument path, on a 12-file slice of the stdlib so it stays fast."""
     import functools
     import data.build
-    import train.pretraining as tp
+    import data
+    import train.pretrain as tp
     from train.options import TrainOptions
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(tp, "prepare", functools.partial(data.build.prepare, max_files=12, progress=False))
+    monkeypatch.setattr(data, "prepare", functools.partial(data.build.prepare, max_files=12, progress=False))
     opts = TrainOptions(max_steps=3, batch_size=2, seq_len=32)   # everything else: the defaults
     summary = tp.run(opts)
     assert (tmp_path / "runs" / "data" / "stdlib-bpe4096" / "manifest.json").is_file()

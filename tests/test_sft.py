@@ -243,8 +243,8 @@ def test_sft_resume_after_sigkill_reproduces_losses(tmp_path, init_ckpt):
                 if "loss" in r}
 
     assert run_cli("train_sft.py", [*common, "--out", str(tmp_path / "a")], tmp_path).returncode == 0
-    env_kill = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "FURNACE_TEST_SIGKILL_AT_STEP": "3"}
-    killed = subprocess.run([sys.executable, str(ROOT / "sft" / "train_sft.py"), *common, "--out", str(tmp_path / "b")],
+    env_kill = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    killed = subprocess.run([sys.executable, str(ROOT / "tests" / "kill_at_step.py"), "3", str(ROOT / "sft" / "train_sft.py"), *common, "--out", str(tmp_path / "b")],
                             cwd=tmp_path, env=env_kill, capture_output=True, text=True, timeout=300)
     assert killed.returncode == -9
     p = run_cli("train_sft.py", [*common, "--out", str(tmp_path / "b"), "--resume"], tmp_path)

@@ -1,14 +1,14 @@
-"""The shared training loop: token-normalised gradient accumulation, non-finite steps, lr schedules."""
+"""The Trainer: token-normalised gradient accumulation, non-finite steps, lr schedules."""
 import math
 
 import pytest
 import torch
 
 from model import GPT, FurnaceError, GPTConfig
-from train.loop import LoopConfig, Trainer, lm_loss
-from train.metrics import MetricsLog
 from train.optim import build_optimizer, lr_at
-from train.precision import Precision
+from train.options import TrainOptions
+from train.task import LMTask
+from train.trainer import Trainer
 
 CFG = dict(vocab_size=61, n_layer=2, n_embd=32, n_head=4, n_kv_head=2, ffn_hidden=48, max_seq_len=32,
            kernels="torch")
@@ -32,15 +32,14 @@ class ListLoader:
         self.i = d["i"]
 
 
-def make_trainer(tmp_path, batches, grad_accum, loss_fn=lm_loss, **kw):
+def make_trainer(tmp_path, batches, grad_accum, task_cls=LMTask, **kw):
     tmp_path.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
     model = GPT(GPTConfig(**CFG))
     opt = torch.optim.SGD(model.parameters(), lr=0.5)
-    cfg = LoopConfig(max_steps=kw.pop("max_steps", 1), grad_accum=grad_accum, lr=0.5, min_lr=0.5, warmup=0,
-                     schedule="constant", grad_clip=0.0, **kw)
-    return Trainer(cfg, model, opt, ListLoader(batches), None, Precision(dtype=torch.float32),
-                   torch.device("cpu"), tmp_path, None, MetricsLog(tmp_path, enabled=True), loss_fn=loss_fn)
+    opts = TrainOptions(max_steps=kw.pop("max_steps", 1), grad_accum=grad_accum, lr=0.5, min_lr=0.5,
+                        schedule="constant", grad_clip=0.0, **kw)
+    return Trainer(opts, task_cls(ListLoader(batches)), model, run_dir=tmp_path, optimizer=opt)
 
 
 def data_with_uneven_targets():
@@ -79,13 +78,14 @@ def test_non_finite_steps_are_skipped_then_abort(tmp_path):
     bad_steps = {1, 3, 4, 5}
     calls = {"n": 0}
 
-    def flaky_loss(model, batch):
-        loss, extra = lm_loss(model, batch)
-        step = calls["n"]
-        calls["n"] += 1
-        return (loss * float("nan") if step in bad_steps else loss), extra
+    class FlakyTask(LMTask):
+        def loss(self, model, batch):
+            loss, extra = super().loss(model, batch)
+            step = calls["n"]
+            calls["n"] += 1
+            return (loss * float("nan") if step in bad_steps else loss), extra
 
-    tr = make_trainer(tmp_path, [(x, y)], grad_accum=1, loss_fn=flaky_loss, max_steps=10, max_bad_steps=3)
+    tr = make_trainer(tmp_path, [(x, y)], grad_accum=1, task_cls=FlakyTask, max_steps=10, max_bad_steps=3)
     tr.train_step()                                   # step 0: fine
     before = [p.detach().clone() for p in tr.model.parameters()]
     out = tr.train_step()                             # step 1: NaN -> skipped, weights untouched

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 
-from model.errors import FurnaceError
+from kernels.common import FurnaceError
 from model.io import checkpoint_step, latest_checkpoint, save as save_model
 
 log = logging.getLogger("furnace")

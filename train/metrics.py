@@ -1,15 +1,18 @@
-"""Per-step metrics: console line, OUT/metrics.jsonl (one JSON object per line), wandb, loss plot."""
+"""Per-step metrics: console line, OUT/metrics.jsonl (one JSON object per line), wandb, loss plot, and the
+run record (commit, versions, device) that training runs and benchmarks both write."""
 from __future__ import annotations
 
 import json
 import logging
 import os
+import subprocess
 import time
 from pathlib import Path
 
 import torch
 
 log = logging.getLogger("furnace")
+REPO = Path(__file__).resolve().parents[1]
 
 
 class StepTimer:
@@ -74,7 +77,7 @@ def init_wandb(opts, run_dir: Path, run_id: str | None, config: dict):
     try:
         import wandb
     except ImportError:
-        from model.errors import FurnaceError
+        from kernels.common import FurnaceError  # noqa: PLC0415
         raise FurnaceError("--wandb needs the wandb package: pip install wandb (or pip install -e '.[log]')") from None
     run = wandb.init(project=opts.wandb_project, id=run_id, resume="allow", dir=str(run_dir),
                      config=config, name=run_dir.name)
@@ -118,3 +121,25 @@ def versions() -> dict:
         except PackageNotFoundError:
             v[pkg] = None
     return v
+
+
+def git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() or None
+
+
+def device_description(device: torch.device) -> str:
+    if device.type == "cuda":
+        from model.flops import device_peak_name  # noqa: PLC0415
+        name = torch.cuda.get_device_name(device)
+        cc = torch.cuda.get_device_capability(device)
+        return f"{name} (cc {cc[0]}.{cc[1]}, peak row: {device_peak_name(name)})"
+    return f"cpu ({os.cpu_count()} logical cores, {torch.get_num_threads()} threads)"
+
+
+def run_record(device: torch.device) -> dict:
+    """Where a number or a checkpoint came from: device, library versions, git commit."""
+    return {"device": device_description(device), "versions": versions(), "git_commit": git_commit()}

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from model.config import KERNEL_IMPLS, PRESETS
-from model.errors import FurnaceError
+from kernels.common import FurnaceError
 
 SCHEDULES = ("cosine", "wsd", "constant")
 DTYPES = ("bf16", "fp16", "fp32")

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from model.errors import FurnaceError
+from kernels.common import FurnaceError
 
 log = logging.getLogger("furnace")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}

@@ -3,24 +3,125 @@
     python train/pretrain.py                       # tiny preset on the Python stdlib, a few minutes on CPU
     python train/pretrain.py --preset 112m --data runs/data/fineweb --fp8
     torchrun --nproc_per_node 2 train/pretrain.py --max-steps 100
+The job: resolve the device's defaults, prepare the embedded corpus when needed, build (or --init) the
+model, and hand it with a language-modelling task (train/task.py) to the Trainer (train/trainer.py).
 """
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+if __package__ in (None, ""):  # run as a file: put the repo root on sys.path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import argparse  # noqa: E402
+import logging  # noqa: E402
 
-from model.errors import run_cli  # noqa: E402
-from train.options import add_arguments, options_from_args  # noqa: E402
+from kernels.common import FurnaceError, run_cli  # noqa: E402
+from train.options import TrainOptions, add_arguments, options_from_args  # noqa: E402
+
+log = logging.getLogger("furnace")
+CPU_DEFAULTS = dict(preset="tiny", batch_size=8, seq_len=256, max_steps=300)
+GPU_DEFAULTS = dict(preset="26m", batch_size=32, seq_len=1024, max_steps=2000)
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description="Pretrain a Llama-style GPT (defaults: the embedded corpus).")
     add_arguments(ap)
-    opts = options_from_args(ap.parse_args(argv))
-    from train.pretraining import run
-    run(opts)
+    run(options_from_args(ap.parse_args(argv)))
+
+
+def run(opts: TrainOptions) -> dict:
+    from train.setup import init_runtime
+    with init_runtime(opts) as rt:
+        trainer, record = build(opts, rt)
+        try:
+            summary = trainer.run(record)
+        finally:
+            trainer.task.train_loader.close()
+            trainer.task.val_loader.close()
+        if rt.is_main:
+            log.info(f"chat with it: python infer/chat.py --ckpt {opts.out} --complete")
+        return summary
+
+
+def build(opts: TrainOptions, rt):
+    """-> (Trainer, run record): defaults resolved into `opts`, data, model (fresh, --init or --resume)."""
+    from data import TokenLoader, check_tokenizer_match, load_tokenizer
+    from model.config import get_preset
+    from model.flops import flops_per_token
+    from model.io import resolve_checkpoint
+    from train.checkpoint import check_out_dir
+    from train.options import RUN_DEFINING
+    from train.setup import build_model, check_seq_len, default_out, latest_default_out, pad_vocab
+    from train.task import LMTask
+    from train.trainer import Trainer
+
+    resolve_defaults(opts, rt)
+    sources = ensure_data(opts, rt)
+    data_name = Path(sources[0][0]).name
+    if not opts.out:
+        opts.out = str(latest_default_out(f"{opts.preset}-{data_name}") if opts.resume
+                       else default_out(f"{opts.preset}-{data_name}"))
+    run_dir = Path(opts.out)
+    resume_ckpt = check_out_dir(run_dir, opts.to_dict(), opts.resume, RUN_DEFINING)
+
+    loader = TokenLoader(sources, opts.batch_size, opts.seq_len, split="train", seed=opts.seed,
+                         rank=rt.rank, world_size=rt.world_size, device=rt.device)
+    val = TokenLoader(sources, opts.batch_size, opts.seq_len, split="val", mode="sequential", device=rt.device)
+    cfg = get_preset(opts.preset)
+    if loader.vocab_size is not None:
+        cfg.vocab_size = pad_vocab(loader.vocab_size)
+    else:  # an llm.c / modded-nanogpt folder without tokenizer.json: GPT-2 tokens, presumably
+        log.info(f"data {sources[0][0]} has no tokenizer.json: using preset {opts.preset}'s vocab {cfg.vocab_size} "
+                 f"(GPT-2 shards need >= 50257, e.g. --preset 124m); put a tokenizer.json beside the shards "
+                 f"to chat with the result")
+    for other, what in ((opts.init, "--init"), (str(resume_ckpt) if resume_ckpt else "", "--resume")):
+        if other:
+            ck = resolve_checkpoint(other)
+            other_sha = load_tokenizer(ck).sha256 if (ck / "tokenizer.json").is_file() else None
+            check_tokenizer_match(loader.tokenizer_sha256, other_sha, f"data {sources[0][0]}", f"{what} {ck}")
+    model = build_model(opts, cfg, rt)
+    check_seq_len(opts.seq_len, model.config, opts.preset)
+    if loader.vocab_size is not None and loader.vocab_size > model.config.vocab_size:
+        raise FurnaceError(f"--init model has vocab {model.config.vocab_size} < the data tokenizer's {loader.vocab_size}")
+
+    # --eval-tokens, but never more than one pass over the validation split
+    eval_batches = max(1, min(opts.eval_tokens // (opts.batch_size * opts.seq_len), val.batches_per_epoch))
+    log.info(f"model: {opts.preset}, {model.num_params() / 1e6:.2f}M params, vocab {model.config.vocab_size}; "
+             f"batch {opts.batch_size}x{opts.seq_len}x{opts.grad_accum}x{rt.world_size}; {opts.max_steps} steps; "
+             f"out {run_dir}")
+    task = LMTask(loader, val, eval_batches, opts.z_loss, flops_per_token(model.config, opts.seq_len))
+    trainer = Trainer(opts, task, model, rt, run_dir, resume=resume_ckpt, tokenizer_dir=Path(sources[0][0]))
+    return trainer, {"data": sources}
+
+
+def resolve_defaults(opts: TrainOptions, rt) -> None:
+    """Fill the options left at 0/'' with the device's defaults, in place (so config.json is concrete)."""
+    from model.config import get_preset
+    d = GPU_DEFAULTS if rt.device.type == "cuda" else CPU_DEFAULTS
+    opts.preset = opts.preset or d["preset"]
+    opts.batch_size = opts.batch_size or d["batch_size"]
+    opts.seq_len = opts.seq_len or min(d["seq_len"], get_preset(opts.preset).max_seq_len)
+    if not opts.max_steps:
+        per_step = opts.batch_size * opts.seq_len * opts.grad_accum * rt.world_size
+        opts.max_steps = -(-opts.tokens // per_step) if opts.tokens else d["max_steps"]
+
+
+def ensure_data(opts: TrainOptions, rt) -> list[tuple[str, float]]:
+    """--data sources, or the embedded default corpus (prepared once, by rank 0)."""
+    from data import parse_data_arg, prepare
+    from data.build import DEFAULT_DATA_DIR
+    if opts.data:
+        sources = parse_data_arg(opts.data)
+        for d, _ in sources:
+            if not Path(d).is_dir():
+                raise FurnaceError(f"--data {d}: no such folder (make one with: python data/prepare.py --out {d} ...)")
+        return sources
+    if rt.is_main and not (DEFAULT_DATA_DIR / "manifest.json").is_file():
+        log.info(f"data: preparing the embedded default corpus (Python standard library) in {DEFAULT_DATA_DIR}")
+        prepare(DEFAULT_DATA_DIR)
+    rt.barrier()  # on every rank: one that found rank 0's fresh manifest must not skip it (collectives pair up)
+    opts.data = str(DEFAULT_DATA_DIR)
+    return [(str(DEFAULT_DATA_DIR), 1.0)]
 
 
 if __name__ == "__main__":

@@ -1,0 +1,46 @@
+"""The helpers every layer shares, at the lowest layer so nothing imports upward: user errors, the CLI
+wrapper every entry script runs `main` through, and log-once.
+
+A `FurnaceError` is an error caused by the user's input (a flag, a file, a value). `run_cli` prints it as
+one line and exits non-zero without a traceback; anything else is a bug and keeps its traceback.
+Importing this module imports neither torch nor the kernels, so `--help` stays fast.
+"""
+from __future__ import annotations
+
+import functools
+import logging
+import sys
+
+log = logging.getLogger("furnace")
+
+
+class FurnaceError(Exception):
+    """Bad input: the message names the file, flag or value, what was expected and how to fix it."""
+
+
+def run_cli(main, argv=None) -> None:
+    """Run `main(argv)`; print FurnaceError as `error: ...` and exit 2; Ctrl-C exits 130."""
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    try:
+        rc = main(argv)
+    except FurnaceError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+    sys.exit(rc or 0)
+
+
+@functools.lru_cache(maxsize=None)
+def _log_once_cached(msg: str) -> None:
+    log.info(msg)
+
+
+def log_once(msg: str) -> None:
+    """Log `msg` the first time it is seen (a runtime choice: which kernel, which attention backend)."""
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.compiler.is_compiling():  # dynamo skips lru_cache; logging breaks the graph
+        return
+    _log_once_cached(msg)

@@ -1,0 +1,187 @@
+"""What every fine-tuning method shares: its flags, the job around the Trainer (init from a checkpoint,
+tokenizer and chat template saved in OUT/tokenizer/, reading and splitting the data, the run record).
+
+A method (sft/train_sft.py, sft/train_dpo.py) gives `run` one function that turns the opened job into a
+Trainer task (train/task.py). Kept import-light at the top so `--help` is fast.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from kernels.common import FurnaceError
+from train.options import TrainOptions, add_arguments, options_from_args
+
+log = logging.getLogger("furnace")
+DEFAULT_EPOCHS = 2
+CHAT_TEMPLATE_FILE = "chat_template.json"
+# Learning rates for fine-tuning (pretraining's 1e-3 would wreck an SFT'd model) and the device defaults.
+DEFAULTS = {"sft": TrainOptions(lr=3e-4, min_lr=3e-5), "dpo": TrainOptions(lr=1e-4, min_lr=1e-5, schedule="constant")}
+CPU_DEFAULTS, GPU_DEFAULTS = dict(batch_size=8, seq_len=512), dict(batch_size=16, seq_len=2048)
+# A resumed run must agree on these (besides train.options.RUN_DEFINING).
+RESUME_DEFINING = ("kind", "val_data", "skip_bad", "truncate", "beta")
+
+
+@dataclass
+class FinetuneOptions:
+    """The flags TrainOptions does not have (saved in OUT/config.json under "finetune")."""
+    kind: str = "sft"          # the method: sft | dpo
+    val_data: str = ""         # files like --data; empty = hold out a slice of --data
+    skip_bad: bool = False     # skip (and count) bad records instead of stopping at the first
+    truncate: bool = False     # cut over-long examples (oldest turns first) instead of treating them as bad
+    beta: float = 0.1          # DPO temperature
+    ref_cache: str = ""        # DPO reference log-prob cache folder; empty = runs/cache/dpo-ref
+
+
+def parse(kind: str, description: str, argv) -> tuple[TrainOptions, FinetuneOptions]:
+    """The method's flags: TrainOptions' with its own defaults, plus FinetuneOptions'; checked here."""
+    ap = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(ap, DEFAULTS[kind])
+    g = ap.add_argument_group("fine-tuning")
+    g.add_argument("--val-data", default="", help="held-out files (like --data); default: every 20th example of --data")
+    g.add_argument("--skip-bad", action="store_true", help="skip bad records (counted in the summary) instead of stopping")
+    g.add_argument("--truncate", action="store_true",
+                   help="cut examples longer than --seq-len (oldest turns first, then the end) instead of treating them as bad")
+    if kind == "dpo":
+        g.add_argument("--beta", type=float, default=0.1, help="DPO temperature (default: 0.1)")
+        g.add_argument("--ref-cache", default="", help="reference log-prob cache folder (default: runs/cache/dpo-ref)")
+    args = ap.parse_args(argv)
+    opts = options_from_args(args, DEFAULTS[kind])
+    ft = FinetuneOptions(kind=kind, val_data=args.val_data, skip_bad=args.skip_bad, truncate=args.truncate,
+                         beta=getattr(args, "beta", 0.1), ref_cache=getattr(args, "ref_cache", ""))
+    if not opts.init:
+        what = "a pretrained run, e.g. --init runs/tiny-stdlib-bpe4096" if kind == "sft" else "an SFT run"
+        raise FurnaceError(f"--init is required: the checkpoint or run folder to fine-tune ({what})")
+    if opts.preset:
+        raise FurnaceError(f"--preset {opts.preset}: fine-tuning takes the model's shape from --init; drop --preset")
+    if kind == "dpo" and not ft.beta > 0:
+        raise FurnaceError(f"--beta {ft.beta}: expected > 0 (e.g. 0.1)")
+    return opts, ft
+
+
+@dataclass
+class Job:
+    """A fine-tuning run, opened: where it writes, what it resumes, the --init checkpoint, its tokenizer
+    (with the chat tokens) and the model (the --init weights, on the run's device)."""
+    run_dir: Path
+    resume: Path | None
+    init_ckpt: Path
+    tok: object
+    model: object
+
+
+def run(opts: TrainOptions, ft: FinetuneOptions, make_task) -> dict:
+    """Open the job, `make_task(opts, ft, rt, job) -> (task, record)`, train. Writes nothing before the
+    data has been read (make_task saves the tokenizer through read_data)."""
+    from train.setup import init_runtime
+    from train.trainer import Trainer
+    with init_runtime(opts) as rt:
+        job = open_job(opts, ft, rt)
+        task, record = make_task(opts, ft, rt, job)
+        record = {"finetune": asdict(ft), "init_checkpoint": str(job.init_ckpt), "chat_template": "chatml", **record}
+        trainer = Trainer(opts, task, job.model, rt, job.run_dir, resume=job.resume,
+                          tokenizer_dir=job.run_dir / "tokenizer")
+        summary = trainer.run(record)
+        log.info(f"chat with it: python infer/chat.py --ckpt {job.run_dir}")
+        return summary
+
+
+def open_job(opts: TrainOptions, ft: FinetuneOptions, rt) -> Job:
+    """Defaults resolved into `opts` (data, batch size, seq_len, out), the run folder checked, the model built."""
+    from data.chat_template import ensure_chat_tokens
+    from data.tokenizer import TOKENIZER_FILE, load_tokenizer
+    from model.io import load_config, resolve_checkpoint
+    from sft.defaults import DEFAULT_DPO_DIR, DEFAULT_SFT_DIR, build_default_datasets
+    from train.checkpoint import check_out_dir
+    from train.options import RUN_DEFINING
+    from train.setup import build_model, check_seq_len, default_out, latest_default_out
+
+    init_ckpt = resolve_checkpoint(opts.init)
+    if not (init_ckpt / TOKENIZER_FILE).is_file():
+        raise FurnaceError(f"--init {init_ckpt}: has no {TOKENIZER_FILE}; fine-tuning needs the tokenizer the model "
+                           f"was trained with (copy it into that checkpoint folder)")
+    if not opts.data:
+        if rt.is_main:
+            build_default_datasets()
+        rt.barrier()
+        base = DEFAULT_SFT_DIR if ft.kind == "sft" else DEFAULT_DPO_DIR
+        opts.data, ft.val_data = str(base / "train.jsonl"), ft.val_data or str(base / "val.jsonl")
+        log.info(f"data: the offline default {ft.kind.upper()} dataset ({base}, built from the standard library)")
+    d = GPU_DEFAULTS if rt.device.type == "cuda" else CPU_DEFAULTS
+    opts.batch_size = opts.batch_size or d["batch_size"]
+    opts.seq_len = opts.seq_len or min(d["seq_len"], load_config(init_ckpt).max_seq_len)
+    name = f"{ft.kind}-{Path(opts.init).resolve().name}"
+    if not opts.out:
+        opts.out = str(latest_default_out(name) if opts.resume else default_out(name))
+    run_dir = Path(opts.out)
+    resume = check_out_dir(run_dir, opts.to_dict(), opts.resume, RUN_DEFINING)
+    if opts.resume and (run_dir / "config.json").is_file():
+        old = json.loads((run_dir / "config.json").read_text()).get("finetune", {})
+        diffs = [f"{k}: {old.get(k)!r} -> {getattr(ft, k)!r}" for k in RESUME_DEFINING
+                 if k in old and old[k] != getattr(ft, k)]
+        if diffs:
+            raise FurnaceError(f"--resume {run_dir}: options differ from the saved run ({'; '.join(diffs)}); resume "
+                               f"with the same options or start a new --out")
+    tok = load_tokenizer(init_ckpt)
+    model = build_model(opts, None, rt)
+    ensure_chat_tokens(tok, model)
+    check_seq_len(opts.seq_len, model.config, f"--init {init_ckpt}")
+    return Job(run_dir, resume, init_ckpt, tok, model)
+
+
+def read_data(opts: TrainOptions, ft: FinetuneOptions, job: Job, parse_record, build, rank: int = 0):
+    """--data (and --val-data) records -> (train, val, record): each record parsed (sft.formats) and built
+    (tokenized through the template); bad ones reported as FILE:LINE or, with --skip-bad, counted.
+    Validation: --val-data when given, else every 20th item (at most 200) when there are >= 40. Then the
+    tokenizer and chat template are saved in OUT/tokenizer/ (by rank 0), copied into every checkpoint."""
+    from sft.formats import BadRecords, expand_data_arg, iter_records
+    bad = BadRecords(skip=ft.skip_bad)
+
+    def read(arg: str) -> list:
+        out = []
+        for src in expand_data_arg(arg):
+            for where, rec in iter_records(src, bad):
+                try:
+                    out.append(build(parse_record(rec)))
+                except FurnaceError as e:
+                    bad.report(where, str(e))
+        return out
+
+    items = read(opts.data)
+    if ft.val_data:
+        train, val = items, read(ft.val_data)
+    elif len(items) < 40:
+        log.info(f"validation: only {len(items)} examples and no --val-data: no held-out set")
+        train, val = items, []
+    else:
+        k = max(20, len(items) // 200)
+        train, val = [x for i, x in enumerate(items) if i % k], [x for i, x in enumerate(items) if not i % k]
+    log.info(bad.summary("data"))
+    if not train:
+        raise FurnaceError(f"--data {opts.data}: no usable training {'examples' if ft.kind == 'sft' else 'preference pairs'}")
+    if rank == 0:
+        save_tokenizer(job.tok, job.run_dir)
+    return train, val, {"bad_records_skipped": bad.count, "train_examples": len(train), "val_examples": len(val)}
+
+
+def save_tokenizer(tok, run_dir: Path) -> Path:
+    """OUT/tokenizer/{tokenizer.json, chat_template.json}: save_checkpoint copies both into each checkpoint."""
+    from data.chat_template import JINJA_TEMPLATE, STOP_TOKENS
+    d = run_dir / "tokenizer"
+    tok.save(d)
+    meta = {"format": "chatml", "source": "data/chat_template.py", "stop_tokens": list(STOP_TOKENS),
+            "trained": "assistant replies (with <think> blocks) and their <|im_end|>", "jinja": JINJA_TEMPLATE}
+    tmp = d / f".{CHAT_TEMPLATE_FILE}.tmp"
+    tmp.write_text(json.dumps(meta, indent=2) + "\n")
+    tmp.replace(d / CHAT_TEMPLATE_FILE)
+    return d
+
+
+def set_max_steps(opts: TrainOptions, world_size: int, units_per_epoch: int) -> None:
+    """--max-steps left at 0: DEFAULT_EPOCHS passes over the data."""
+    if not opts.max_steps:
+        per_step = opts.batch_size * opts.grad_accum * world_size
+        opts.max_steps = max(1, -(-DEFAULT_EPOCHS * units_per_epoch // per_step))

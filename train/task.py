@@ -1,0 +1,48 @@
+"""What a training method is, for the Trainer (train/trainer.py), and the language-modelling task.
+
+A task is any object with:
+    train_loader      next_batch(), state_dict(), load_state_dict(d): the position is saved in checkpoints
+    unit              what one loss unit is, for the console ("tok", "pair")
+    flops_per_unit    training FLOPs per loss unit, for MFU (0: no MFU)
+    loss(model, batch) -> (mean loss over the batch's units, {metric name: float})
+    count(batch) -> int     loss units in the batch (the Trainer weights micro-batches and ranks by it)
+    evaluate(model) -> {name: float}   called with the unwrapped model in eval mode, under no_grad and
+                                       the run's autocast; {} when there is nothing to evaluate
+`model` in loss() is the wrapped model (compile, DDP): call it, don't reach inside. A task may hold
+anything else it needs (a reference model's log-probs, a tokenizer, a sampler).
+"""
+from __future__ import annotations
+
+IGNORE = -100
+
+
+class LMTask:
+    """Next-token prediction on (x, y) or packed (x, y, doc_ids) batches; y = -100 marks positions without
+    a target. Pretraining counts input tokens with a target; SFT the trained (assistant) tokens."""
+    unit = "tok"
+
+    def __init__(self, train_loader, val_loader=None, eval_batches: int = 1, z_loss: float = 0.0,
+                 flops_per_unit: float = 0.0):
+        self.train_loader, self.val_loader, self.eval_batches = train_loader, val_loader, eval_batches
+        self.z_loss, self.flops_per_unit = z_loss, flops_per_unit
+
+    def loss(self, model, batch):
+        x, y, *doc = batch
+        _, loss = model(x, y, z_loss=self.z_loss, doc_ids=doc[0] if doc else None)
+        return loss, {}
+
+    def count(self, batch) -> int:
+        return int((batch[1] != IGNORE).sum())
+
+    def evaluate(self, model) -> dict:
+        """Mean loss per unit over the first `eval_batches` batches of the validation loader."""
+        if self.val_loader is None:
+            return {}
+        self.val_loader.reset()
+        total, n = 0.0, 0
+        for _ in range(self.eval_batches):
+            b = self.val_loader.next_batch()
+            k = self.count(b)
+            total += self.loss(model, b)[0].float().item() * k
+            n += k
+        return {"val_loss": total / max(n, 1)}

@@ -1,0 +1,383 @@
+"""The one Trainer: pretraining, SFT and DPO (and whatever comes next) are tasks it runs.
+
+The Trainer owns everything that is the same for every method: the loop, the optimizer and schedule,
+precision (FP8 conversion, autocast, fp16 scaling), compile, DDP, EMA, checkpoints and exact resume,
+metrics, wandb and the loss plot. It reads its settings from the options object itself (`TrainOptions`).
+A task (train/task.py) says what differs: how a batch becomes a loss, what one loss unit is and how many a
+batch holds, how to evaluate, and the FLOPs per unit for MFU.
+
+Per optimizer step: fetch `grad_accum` micro-batches, count their loss units across all ranks, and weight
+each micro-batch's mean loss by its share of that total, so 8 x 1 and 1 x 8 give the same update. Then
+clip, skip non-finite steps (abort after several in a row), set the scheduled lr, step AdamW, update EMA,
+log, evaluate and checkpoint on schedule.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+import math
+import signal
+import statistics
+import sys
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from safetensors.torch import load_file
+
+from kernels.common import FurnaceError
+from model.flops import mfu as compute_mfu, peak_tflops
+from model.io import load as load_model, unwrap
+from train.checkpoint import load_trainer_state, rng_state, save_checkpoint, set_rng_state, truncate_metrics
+from train.metrics import MetricsLog, StepTimer, format_step, init_wandb, plot_losses, run_record
+from train.optim import build_optimizer, lr_at, set_lr
+from train.options import TrainOptions
+from train.precision import Precision, convert_linears
+from train.setup import Runtime
+
+log = logging.getLogger("furnace")
+TIMING_WARMUP = 3  # steps excluded from the run's summary tokens/s (allocator, compile, autotune)
+
+
+@dataclass
+class TrainState:
+    step: int = 0
+    tokens: int = 0  # loss units seen (tokens, trained tokens or pairs: the task's unit)
+    bad_in_row: int = 0
+    bad_total: int = 0
+    extra: dict = field(default_factory=dict)  # e.g. the wandb run id
+
+
+class Trainer:
+    """Train `model` (unwrapped, on rt.device) on `task` to opts.max_steps. `resume`: a checkpoint whose
+    weights, optimizer, loader position, RNG and counters are restored before the model is wrapped.
+    `optimizer`: replaces the AdamW of build_optimizer (tests use SGD to compare with a hand-made step)."""
+
+    def __init__(self, opts: TrainOptions, task, model: torch.nn.Module, rt: Runtime | None = None,
+                 run_dir: Path | str = ".", *, resume: Path | None = None, tokenizer_dir: Path | None = None,
+                 optimizer: torch.optim.Optimizer | None = None):
+        self.opts, self.task = opts, task
+        self.rt = rt = rt or Runtime(torch.device("cpu"), precision=Precision(torch.float32))
+        self.prec, self.device = rt.precision, rt.device
+        self.run_dir, self.resume, self.tokenizer_dir = Path(run_dir), resume, tokenizer_dir
+        if resume is not None:
+            model.load_state_dict(load_model(resume).state_dict())
+        self.model = _wrap(model, opts, rt)
+        self.opt = optimizer or build_optimizer(model, opts.lr, opts.weight_decay, rt.device.type)
+        self.warmup = opts.warmup or min(100, max(1, opts.max_steps // 20))
+        self.peak, self.peak8 = _peaks(opts, rt.device)
+        self.state = TrainState()
+        self.scaler = torch.amp.GradScaler(rt.device.type) if self.prec.dtype == torch.float16 else None
+        self.ema = ({k: v.detach().float().clone() for k, v in _float_tensors(model).items()}
+                    if opts.ema > 0 else None)
+        self.metrics: MetricsLog | None = None
+        self.wandb_run = None
+        self.step_times: list[float] = []
+        self._mfu_warned = False
+        if resume is not None:
+            self.load_state_dict(load_trainer_state(resume))
+            if (resume / "ema.safetensors").is_file():
+                self.ema = {k: v.to(self.device).float() for k, v in load_file(str(resume / "ema.safetensors")).items()}
+
+    # ---- the whole job: run folder, wandb, fit, plot -----------------------------------------------------
+    def run(self, record: dict) -> dict:
+        """Write OUT/config.json (options, model, device, versions, commit + `record`; a fresh run only) or
+        drop the killed run's metric lines (a resumed one), open wandb, fit, plot the losses."""
+        if self.rt.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            if self.resume is not None:
+                truncate_metrics(self.run_dir / "metrics.jsonl", self.state.step)
+            else:
+                self._write_run_config(record)
+            if self.opts.wandb:
+                self.wandb_run, _ = init_wandb(self.opts, self.run_dir, self.state.extra.get("wandb_id"),
+                                               self.opts.to_dict())
+                self.state.extra["wandb_id"] = self.wandb_run.id
+        if self.resume is not None:
+            log.info(f"resumed from {self.resume} at step {self.state.step}")
+        try:
+            summary = self.fit()
+        finally:
+            if self.wandb_run is not None:
+                self.wandb_run.finish()
+        if self.rt.is_main:
+            plot_losses(self.run_dir)
+            log.info(f"done: {summary}")
+        return summary
+
+    def _write_run_config(self, record: dict) -> None:
+        import json
+        m, p = unwrap(self.model), self.prec
+        rec = {"train": self.opts.to_dict(), "model": m.config.to_dict(), "num_params": m.num_params(),
+               **run_record(self.device), "world_size": self.rt.world_size,
+               "precision": {"name": p.name, "reason": p.reason, "fp8_layers": len(p.converted)}, **record}
+        tmp = self.run_dir / "config.json.tmp"
+        tmp.write_text(json.dumps(rec, indent=2, default=str) + "\n")
+        tmp.replace(self.run_dir / "config.json")
+
+    # ---- state for checkpoints ---------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        s = self.state
+        return {"step": s.step, "tokens": s.tokens, "bad_in_row": s.bad_in_row, "bad_total": s.bad_total,
+                "extra": s.extra, "optimizer": self.opt.state_dict(), "loader": self.task.train_loader.state_dict(),
+                "rng": rng_state(), "scaler": self.scaler.state_dict() if self.scaler else None,
+                # TransformerEngine's FP8 scaling state (amax history, scales): kept out of the portable
+                # model.safetensors, but needed for an exact resume of a TE FP8 run
+                "fp8_extra_state": {k: v for k, v in unwrap(self.model).state_dict().items()
+                                    if k.endswith("_extra_state")}}
+
+    def load_state_dict(self, d: dict) -> None:
+        self.state = TrainState(step=d["step"], tokens=d["tokens"], bad_in_row=d["bad_in_row"],
+                                bad_total=d["bad_total"], extra=d.get("extra", {}))
+        self.opt.load_state_dict(d["optimizer"])
+        self.task.train_loader.load_state_dict(d["loader"])
+        set_rng_state(d["rng"])
+        if self.scaler and d.get("scaler"):
+            self.scaler.load_state_dict(d["scaler"])
+        if d.get("fp8_extra_state"):
+            unwrap(self.model).load_state_dict(d["fp8_extra_state"], strict=False)
+
+    def save(self) -> Path | None:
+        if not self.rt.is_main:
+            return None
+        path = save_checkpoint(self.run_dir, self.state.step, self.model, self.state_dict(), self.tokenizer_dir,
+                               self.opts.keep_last, self.ema)
+        log.info(f"checkpoint: {path}")
+        return path
+
+    # ---- one optimizer step ------------------------------------------------------------------------
+    def _all_sum(self, x: torch.Tensor) -> torch.Tensor:
+        if self.rt.world_size > 1:
+            dist.all_reduce(x, op=dist.ReduceOp.SUM)
+        return x
+
+    def train_step(self) -> dict:
+        opts, model, task, world = self.opts, self.model, self.task, self.rt.world_size
+        batches = [task.train_loader.next_batch() for _ in range(opts.grad_accum)]
+        counts = [task.count(b) for b in batches]
+        n_global = int(self._all_sum(torch.tensor(sum(counts), dtype=torch.float64, device=self.device)).item())
+        loss_sum = torch.zeros((), device=self.device)
+        extra: dict[str, float] = {}  # the task's own metrics (e.g. DPO reward accuracy), weighted like the loss
+        for i, (b, n) in enumerate(zip(batches, counts)):
+            sync = world == 1 or i == len(batches) - 1
+            with contextlib.nullcontext() if sync else model.no_sync():
+                with self.prec.autocast(self.device.type):
+                    loss, mets = task.loss(model, b)
+                for k, v in mets.items():
+                    extra[k] = extra.get(k, 0.0) + float(v) * n / max(sum(counts), 1)
+                # DDP averages gradients over ranks, hence the world-size factor.
+                scaled = loss.float() * (n * world / max(n_global, 1))
+                (self.scaler.scale(scaled) if self.scaler else scaled).backward()
+            loss_sum += loss.detach().float() * n
+        loss_val = (self._all_sum(loss_sum) / max(n_global, 1)).item()
+        if self.scaler:
+            self.scaler.unscale_(self.opt)
+        params = [p for p in model.parameters() if p.grad is not None]
+        clip = opts.grad_clip if opts.grad_clip > 0 else float("inf")
+        gnorm = torch.nn.utils.clip_grad_norm_(params, clip).item() if params else 0.0
+        lr = lr_at(self.state.step, opts.max_steps, opts.lr, opts.min_lr, self.warmup, opts.schedule, opts.wsd_decay)
+        set_lr(self.opt, lr)
+        finite = math.isfinite(loss_val) and math.isfinite(gnorm)
+        if finite:
+            if self.scaler:
+                self.scaler.step(self.opt)
+                self.scaler.update()
+            else:
+                self.opt.step()
+            self._update_ema()
+            self.state.bad_in_row = 0
+        else:
+            if self.scaler:
+                self.scaler.update()
+            self.state.bad_in_row += 1
+            self.state.bad_total += 1
+        self.opt.zero_grad(set_to_none=True)
+        self.state.step += 1
+        self.state.tokens += n_global
+        return {"loss": loss_val, "lr": lr, "grad_norm": gnorm, "skipped": not finite, "n_tokens": n_global,
+                "metrics": extra}
+
+    @torch.no_grad()
+    def _update_ema(self):
+        if self.ema is None:
+            return
+        d = self.opts.ema
+        for k, v in _float_tensors(unwrap(self.model)).items():
+            if k in self.ema:
+                self.ema[k].mul_(d).add_(v.detach().float(), alpha=1 - d)
+
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        """The task's evaluation, on the unwrapped model in eval mode, under the run's autocast."""
+        model = unwrap(self.model)
+        was_training = model.training
+        model.eval()
+        try:
+            with self.prec.autocast(self.device.type):
+                return self.task.evaluate(model)
+        finally:
+            model.train(was_training)
+
+    # ---- the loop ------------------------------------------------------------------------------------
+    def fit(self) -> dict:
+        opts, st, is_main = self.opts, self.state, self.rt.is_main
+        self.metrics = MetricsLog(self.run_dir, enabled=is_main, wandb_run=self.wandb_run)
+        timer = StepTimer(self.device)
+        bar = None
+        if is_main and sys.stderr.isatty():
+            from tqdm import tqdm
+            bar = tqdm(total=opts.max_steps, initial=st.step, dynamic_ncols=True, desc="train")
+        self.model.train()
+        if st.step == 0 and opts.eval_every:
+            self._log_eval()
+        stop = _StopFlag()
+        try:
+            while st.step < opts.max_steps:
+                timer.start()
+                out = self.train_step()
+                dt = timer.stop()
+                if st.step > TIMING_WARMUP:
+                    self.step_times.append(dt)
+                rec = self._record(out, dt)
+                self.metrics.write(rec)
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix_str(format_step(rec, unit=self.task.unit).split(" | ", 1)[1])
+                elif is_main and (st.step % opts.log_every == 0 or st.step == 1):
+                    log.info(format_step(rec, extra=tuple(out["metrics"]), unit=self.task.unit))
+                if out["skipped"]:
+                    self._on_bad_step(out)
+                if self._stop_requested(stop):
+                    break
+                if opts.eval_every and st.step % opts.eval_every == 0 and st.step < opts.max_steps:
+                    self._log_eval()
+                if opts.save_every and st.step % opts.save_every == 0 and st.step < opts.max_steps:
+                    self.save()
+            summary = {"steps": st.step, "tokens": st.tokens, "skipped_steps": st.bad_total,
+                       "interrupted": stop.requested}
+            if stop.requested:
+                log.info(f"interrupted at step {st.step}: saving a checkpoint; continue with --resume")
+            else:
+                summary.update(self._log_eval())
+        finally:
+            stop.restore()
+            if bar is not None:
+                bar.close()
+            self.metrics.close()
+        ck = self.save()
+        summary["checkpoint"] = str(ck) if ck else None
+        if self.step_times:
+            summary["tokens_per_s"] = st.tokens / max(st.step, 1) / statistics.median(self.step_times)
+        return summary
+
+    def _stop_requested(self, stop: "_StopFlag") -> bool:
+        """Ctrl-C is honoured between steps, on all ranks together."""
+        if self.rt.world_size == 1:
+            return stop.requested
+        return bool(self._all_sum(torch.tensor(float(stop.requested), device=self.device)).item() > 0)
+
+    def _on_bad_step(self, out: dict) -> None:
+        st = self.state
+        log.info(f"step {st.step}: non-finite loss or grad norm (loss {out['loss']}, grad norm "
+                 f"{out['grad_norm']}); step skipped ({st.bad_in_row} in a row, {st.bad_total} in total)")
+        if st.bad_in_row >= self.opts.max_bad_steps:
+            raise FurnaceError(
+                f"{st.bad_in_row} non-finite steps in a row at step {st.step}: training diverged. Lower --lr, "
+                f"raise --warmup, set --grad-clip, try --z-loss 1e-4 or train without --fp8; the last good "
+                f"checkpoint is kept: continue from it with --resume")
+
+    def _record(self, out: dict, dt: float) -> dict:
+        tps = out["n_tokens"] / dt if dt > 0 else 0.0
+        rec = {"step": self.state.step, "loss": out["loss"], "lr": out["lr"], "grad_norm": out["grad_norm"],
+               "tokens_per_s": tps, "tokens": self.state.tokens, "step_ms": 1000 * dt}
+        fpu = self.task.flops_per_unit
+        if fpu and self.peak:
+            peak8 = self.peak8 if self.prec.fp8 else None
+            per_device = tps / self.rt.world_size  # the peak is one device's
+            try:  # vs the BF16 peak; an FP8 run may go past it, up to the FP8 peak
+                rec["mfu"] = compute_mfu(fpu, per_device, self.peak, limit=peak8 / self.peak if peak8 else 1.0)
+                if peak8:
+                    rec["mfu_fp8_peak"] = compute_mfu(fpu, per_device, peak8)
+            except ValueError as e:  # an impossible MFU is a measurement bug: say so once, never log the number
+                if not self._mfu_warned:
+                    log.warning(f"MFU not reported: {e}")
+                    self._mfu_warned = True
+        if self.device.type == "cuda":
+            rec["peak_mem_gb"] = torch.cuda.max_memory_allocated(self.device) / 1e9
+        if out["skipped"]:
+            rec["skipped"] = True
+        rec.update(out["metrics"])
+        return rec
+
+    def _log_eval(self) -> dict:
+        ev = self.evaluate()
+        if ev:
+            self.metrics.write({"step": self.state.step, **ev})
+            if self.rt.is_main:
+                log.info(f"step {self.state.step} | " + " | ".join(f"{k} {v:.4f}" for k, v in ev.items()))
+        return ev
+
+
+def _wrap(model: torch.nn.Module, opts: TrainOptions, rt: Runtime) -> torch.nn.Module:
+    """FP8 conversion, activation checkpointing, torch.compile, then DDP."""
+    convert_linears(model, rt.precision)
+    model.activation_checkpointing = opts.activation_checkpointing
+    if opts.activation_checkpointing and rt.precision.fp8 == "te":
+        # torch.utils.checkpoint recomputes in backward, outside fp8_autocast: TE's te.distributed.checkpoint
+        # restores the FP8 state and reuses the forward's scaling factors (TransformerEngine issue 415).
+        from transformer_engine.pytorch.distributed import checkpoint as te_checkpoint
+        model.checkpoint_fn = functools.partial(te_checkpoint, use_reentrant=False)
+    wrapped = torch.compile(model) if opts.compile else model
+    if rt.world_size > 1:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+        wrapped = DDP(wrapped, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
+    return wrapped
+
+
+def _peaks(opts: TrainOptions, device: torch.device) -> tuple[float | None, float | None]:
+    """(dense BF16, dense FP8) peak TFLOP/s of this device for MFU; --peak-tflops overrides the BF16 one."""
+    peak, peak8 = (opts.peak_tflops or None), None
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        peak, peak8 = peak or peak_tflops(name, "bf16"), peak_tflops(name, "fp8")
+        if peak is None:
+            log.info(f"MFU: unknown device {name!r} (pass --peak-tflops to report MFU)")
+    return peak, peak8
+
+
+def _float_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The state_dict's floating-point parameters and persistent buffers, under the same names, without
+    calling state_dict(): TransformerEngine's `_extra_state` (not a float tensor; in older TE a BytesIO)
+    would be serialised, with a device-to-host copy, for every layer at every EMA update."""
+    out = {}
+    for prefix, mod in model.named_modules(remove_duplicate=False):
+        pre = prefix + "." if prefix else ""
+        for n, t in mod.named_parameters(recurse=False, remove_duplicate=False):
+            out[pre + n] = t
+        for n, t in mod.named_buffers(recurse=False):
+            if n not in mod._non_persistent_buffers_set:
+                out[pre + n] = t
+    return {k: v for k, v in out.items() if v is not None and v.is_floating_point()}
+
+
+class _StopFlag:
+    """First Ctrl-C asks the loop to stop after the current step (and save); a second one aborts."""
+
+    def __init__(self):
+        self.requested = False
+        self._prev = None
+        if threading.current_thread() is threading.main_thread():
+            self._prev = signal.signal(signal.SIGINT, self._handler)
+
+    def _handler(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        log.info("Ctrl-C: finishing this step, then saving a checkpoint (Ctrl-C again to abort)")
+
+    def restore(self):
+        if self._prev is not None:
+            signal.signal(signal.SIGINT, self._prev)
