@@ -209,3 +209,14 @@ def test_document_masking_equals_separate_sequences():
         ref_b, _ = m(b)
     torch.testing.assert_close(out[:, :7], ref_a, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(out[:, 7:], ref_b, rtol=1e-5, atol=1e-5)   # same logits as if alone
+
+
+def test_kernels_is_a_runtime_choice_not_saved(tmp_path):
+    """config.json never records `kernels`; one written by an older version that did still loads (as auto)."""
+    import json
+    from model import load, save
+    save(GPT(GPTConfig(**{**SMALL, "kernels": "triton"})), tmp_path)
+    raw = json.loads((tmp_path / "config.json").read_text())
+    assert "kernels" not in raw and load(tmp_path).config.kernels == "auto"
+    (tmp_path / "config.json").write_text(json.dumps({**raw, "kernels": "triton"}))
+    assert load(tmp_path).config.kernels == "auto"

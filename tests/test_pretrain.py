@@ -217,3 +217,34 @@ def test_wandb_offline_resumes_the_same_run(tmp_path, data_dir):
     assert run_id and second["extra"]["wandb_id"] == run_id
     runs = sorted(p.name for p in (tmp_path / "r" / "wandb").glob("offline-run-*"))
     assert len(runs) == 2 and all(name.endswith(run_id) for name in runs)
+
+
+def test_llmc_folder_without_tokenizer_trains_with_the_preset_vocab(tmp_path):
+    """An llm.c / modded-nanogpt folder (shards only, no tokenizer.json: vocab_size unknown) trains with the
+    preset's vocabulary (it used to raise TypeError comparing None with an int)."""
+    from data import write_shard
+    from model import load
+    d = tmp_path / "fineweb"
+    d.mkdir()
+    ids = torch.randint(0, 4096, (6000,), generator=torch.Generator().manual_seed(0))
+    write_shard(d / "fineweb_train_000001.bin", ids)
+    write_shard(d / "fineweb_val_000000.bin", ids[:1500])
+    p = run([*FAST, "--data", str(d), "--out", str(tmp_path / "r"), "--max-steps", "2"])
+    assert "has no tokenizer.json: using preset tiny's vocab 4096" in p.stderr
+    assert load(tmp_path / "r").config.vocab_size == 4096
+
+
+def test_kernels_choice_is_not_saved_so_a_triton_run_opens_on_cpu(tmp_path, data_dir):
+    """--kernels is a choice of the training process: the checkpoint does not record it, and infer/chat.py
+    (without Triton's interpreter) answers from a model trained with --kernels triton."""
+    out = tmp_path / "r"
+    run(["--preset", "tiny", "--batch-size", "1", "--seq-len", "16", "--eval-tokens", "16", "--data", str(data_dir),
+         "--out", str(out), "--max-steps", "1", "--kernels", "triton"], env={"TRITON_INTERPRET": "1"})
+    ck = out / "checkpoints" / "step_00000001"
+    assert "kernels" not in json.loads((ck / "config.json").read_text())
+    assert json.loads((out / "config.json").read_text())["train"]["kernels"] == "triton"   # the run record keeps it
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    c = subprocess.run([sys.executable, str(ROOT / "infer" / "chat.py"), "--ckpt", str(out), "--complete",
+                        "--prompt", "def", "--max-new-tokens", "3", "--compile", "off"], capture_output=True,
+                       text=True, timeout=120, env=env)
+    assert c.returncode == 0, c.stderr
