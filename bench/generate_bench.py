@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from infer.decode import compile_decode
 from infer.generation import generate
-from infer.hf_export import export_hf
+from infer.export_hf import export_hf
 from infer.quant import Int8Linear, quantize, weight_bytes_per_token
 from infer.runtime import set_threads
 from model.config import get_preset

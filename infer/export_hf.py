@@ -2,19 +2,177 @@
 
     python infer/export_hf.py runs/sft/checkpoints/step_00001000 exported/
     python -c "from transformers import AutoModelForCausalLM as M; M.from_pretrained('exported')"
+
+Our block is Llama's: RMSNorm (fp32 statistics) -> GQA attention with rotate-half RoPE -> RMSNorm -> SwiGLU,
+no biases, so weights map one to one (no q/k permutation: HF Llama also rotates halves). RoPE scaling:
+  linear -> rope_type "linear" (same factor); yarn -> rope_type "yarn" (factor, original context, beta 32/1,
+  attention factor 0.1 ln s + 1); ntk -> folded into rope_theta (theta * s^(d/(d-2)), exact).
+qk_norm has no Llama equivalent and is refused.
+
+The folder: config.json, model.safetensors, tokenizer.json, tokenizer_config.json (with the chat template),
+generation_config.json (stops at <|im_end|> and <|endoftext|>), special_tokens_map.json.
 """
+from __future__ import annotations
+
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+if __package__ in (None, ""):  # run as a file: put the repo root on sys.path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import argparse  # noqa: E402
+import json  # noqa: E402
 import logging  # noqa: E402
+import math  # noqa: E402
+import os  # noqa: E402
+import shutil  # noqa: E402
+from typing import TYPE_CHECKING  # noqa: E402
 
-from infer.hf_export import DTYPES, export_hf  # noqa: E402
-from infer.runtime import load_tokenizer_for  # noqa: E402
-from kernels.common import run_cli  # noqa: E402
-from model.io import load  # noqa: E402
+from kernels.common import FurnaceError, run_cli  # noqa: E402
+
+if TYPE_CHECKING:
+    import torch
+
+    from model.config import GPTConfig
+    from model.gpt import GPT
+
+
+_RENAME = {  # ours (inside layers.{i}.) -> HF (inside model.layers.{i}.)
+    "attn_norm.weight": "input_layernorm.weight",
+    "mlp_norm.weight": "post_attention_layernorm.weight",
+    "attn.q_proj.weight": "self_attn.q_proj.weight",
+    "attn.k_proj.weight": "self_attn.k_proj.weight",
+    "attn.v_proj.weight": "self_attn.v_proj.weight",
+    "attn.o_proj.weight": "self_attn.o_proj.weight",
+    "mlp.gate_proj.weight": "mlp.gate_proj.weight",
+    "mlp.up_proj.weight": "mlp.up_proj.weight",
+    "mlp.down_proj.weight": "mlp.down_proj.weight",
+}
+DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}  # --dtype -> torch / HF dtype name
+
+
+def hf_rope(cfg: GPTConfig) -> tuple[float, dict | None]:
+    """(rope_theta, legacy rope_scaling dict or None)."""
+    s = cfg.rope_factor
+    if cfg.rope_scaling == "none" or s == 1.0:
+        return cfg.rope_theta, None
+    if cfg.rope_scaling == "ntk":
+        d = cfg.head_dim
+        return cfg.rope_theta * s ** (d / (d - 2)), None
+    if cfg.rope_scaling == "linear":
+        return cfg.rope_theta, {"rope_type": "linear", "factor": s}
+    return cfg.rope_theta, {"rope_type": "yarn", "factor": s,
+                            "original_max_position_embeddings": cfg.rope_original_max_seq_len or cfg.max_seq_len,
+                            "beta_fast": 32.0, "beta_slow": 1.0, "attention_factor": 0.1 * math.log(s) + 1.0}
+
+
+def hf_config(cfg: GPTConfig, dtype_name: str = "float32", eos_id: int | None = None,
+              bos_id: int | None = None) -> dict:
+    if cfg.qk_norm:
+        raise FurnaceError("export: this model uses qk_norm (RMSNorm on q and k), which LlamaForCausalLM does not "
+                           "have; exporting it as Llama would silently change its outputs. Qwen3-style export is "
+                           "not implemented: export a model trained without --qk-norm")
+    theta, scaling = hf_rope(cfg)
+    rope_parameters = {"rope_type": "default", "rope_theta": theta}
+    if scaling:
+        rope_parameters = {**scaling, "rope_theta": theta}
+    return {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama",
+        "vocab_size": cfg.vocab_size, "hidden_size": cfg.n_embd, "intermediate_size": cfg.ffn_hidden,
+        "num_hidden_layers": cfg.n_layer, "num_attention_heads": cfg.n_head, "num_key_value_heads": cfg.n_kv_head,
+        "head_dim": cfg.head_dim, "max_position_embeddings": cfg.max_seq_len, "rms_norm_eps": cfg.norm_eps,
+        "hidden_act": "silu", "attention_bias": False, "mlp_bias": False, "attention_dropout": 0.0,
+        "initializer_range": cfg.init_std, "tie_word_embeddings": cfg.tie_embeddings, "use_cache": True,
+        # Both spellings: rope_theta/rope_scaling (transformers < 5, vLLM, llama.cpp's converter) and
+        # rope_parameters (transformers >= 5).
+        "rope_theta": theta, "rope_scaling": scaling, "rope_parameters": rope_parameters,
+        "bos_token_id": bos_id, "eos_token_id": eos_id, "torch_dtype": dtype_name, "dtype": dtype_name,
+    }
+
+
+def hf_state_dict(model: GPT, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    import torch
+    from model.io import clean_state_dict
+    dtype = dtype or torch.float32
+    out = {}
+    for name, t in clean_state_dict(model).items():
+        if name == "embed.weight":
+            key = "model.embed_tokens.weight"
+        elif name == "norm.weight":
+            key = "model.norm.weight"
+        elif name == "lm_head.weight":
+            key = "lm_head.weight"
+        elif name.startswith("layers."):
+            _, i, rest = name.split(".", 2)
+            if rest not in _RENAME:
+                raise FurnaceError(f"export: parameter {name} has no LlamaForCausalLM counterpart")
+            key = f"model.layers.{i}.{_RENAME[rest]}"
+        else:
+            raise FurnaceError(f"export: parameter {name} has no LlamaForCausalLM counterpart")
+        out[key] = t.detach().to("cpu", dtype).contiguous()
+    return out
+
+
+def tokenizer_files(tokenizer, cfg: GPTConfig) -> dict[str, dict]:
+    """tokenizer_config.json, special_tokens_map.json and generation_config.json contents."""
+    from data.chat_template import EOS, IM_END, JINJA_TEMPLATE, STOP_TOKENS
+    eos = tokenizer.token_id(EOS)
+    im_end = tokenizer.token_id(IM_END)
+    added = {str(i): {"content": s, "lstrip": False, "normalized": False, "rstrip": False, "single_word": False,
+                      "special": True} for s, i in tokenizer.special_ids.items()}
+    tok_cfg = {
+        "tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": cfg.max_seq_len,
+        "bos_token": None, "eos_token": EOS if eos is not None else None, "pad_token": EOS if eos is not None else None,
+        "unk_token": None, "clean_up_tokenization_spaces": False, "add_bos_token": False, "add_eos_token": False,
+        "added_tokens_decoder": added,
+    }
+    if im_end is not None:
+        tok_cfg["chat_template"] = JINJA_TEMPLATE
+    stops = [i for i in (tokenizer.token_id(t) for t in STOP_TOKENS) if i is not None]
+    gen = {"_from_model_config": False, "do_sample": False, "eos_token_id": stops or None, "pad_token_id": eos,
+           "max_length": cfg.max_seq_len}
+    special_map = {"eos_token": tok_cfg["eos_token"], "pad_token": tok_cfg["pad_token"]}
+    return {"tokenizer_config.json": tok_cfg, "generation_config.json": gen, "special_tokens_map.json": special_map}
+
+
+def export_hf(model: GPT, out: str | os.PathLike, tokenizer=None, dtype: str = "fp32") -> Path:
+    """Write the HF folder. Refuses an existing non-empty `out`; writes into a temporary sibling folder and
+    renames it at the end, so an interrupted export leaves nothing half-written under `out`."""
+    import torch
+    from safetensors.torch import save_file
+
+    from data.chat_template import EOS
+    if dtype not in DTYPES:
+        raise FurnaceError(f"--dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
+    dtype_name = DTYPES[dtype]
+    torch_dtype = getattr(torch, dtype_name)
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise FurnaceError(f"export: output {out} already exists and is not empty; choose a new folder "
+                           f"(existing files are never overwritten)")
+    cfg = model.config
+    if tokenizer is not None and tokenizer.vocab_size > cfg.vocab_size:
+        raise FurnaceError(f"export: tokenizer {tokenizer.source} has {tokenizer.vocab_size} tokens but the model has "
+                           f"vocab_size={cfg.vocab_size}; pass the tokenizer the model was trained with")
+    eos = tokenizer.token_id(EOS) if tokenizer is not None else None
+    conf = hf_config(cfg, dtype_name, eos_id=eos)
+    tmp = out.parent / f".{out.name}.tmp{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        (tmp / "config.json").write_text(json.dumps(conf, indent=2) + "\n")
+        save_file(hf_state_dict(model, torch_dtype), str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        if tokenizer is not None:
+            tokenizer.save(tmp)
+            for name, obj in tokenizer_files(tokenizer, cfg).items():
+                (tmp / name).write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
+        if out.exists():
+            out.rmdir()  # empty (checked above)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
 
 
 def main(argv=None):
@@ -24,6 +182,8 @@ def main(argv=None):
     p.add_argument("--tokenizer", help="tokenizer.json or folder holding it (default: the checkpoint's)")
     p.add_argument("--dtype", choices=list(DTYPES), default="fp32", help="weight dtype in model.safetensors")
     args = p.parse_args(argv)
+    from infer.runtime import load_tokenizer_for
+    from model.io import load
     tok = load_tokenizer_for(args.ckpt, args.tokenizer)
     model = load(args.ckpt)
     out = export_hf(model, args.out, tok, args.dtype)

@@ -9,12 +9,10 @@ residual stream's variance does not grow with depth; norm weights = 1.
 """
 from __future__ import annotations
 
-import functools
 import math
 
 import torch
 import torch.nn as nn
-import torch.utils.checkpoint
 
 from kernels import apply_rope, cross_entropy, fused_linear_cross_entropy, rms_norm, swiglu
 from model.attention import causal_attention
@@ -140,8 +138,6 @@ class GPT(nn.Module):
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed.weight
-        self.activation_checkpointing = False
-        self.checkpoint_fn = None  # None: torch.utils.checkpoint; TE FP8 sets its own (re-enters fp8_autocast)
         cos, sin = rope_tables(cfg, cfg.max_seq_len)
         self.register_buffer("rope_cos", cos, persistent=False)       # (max_seq_len, hd/2) fp32
         self.register_buffer("rope_sin", sin, persistent=False)
@@ -193,11 +189,7 @@ class GPT(nn.Module):
         cos, sin = self.rope_cos[start:start + T], self.rope_sin[start:start + T]  # (T, hd/2)
         x = self.embed(idx)                                                        # (B, T, d)
         for block in self.layers:
-            if self.activation_checkpointing and self.training and cache is None:
-                ckpt = self.checkpoint_fn or functools.partial(torch.utils.checkpoint.checkpoint, use_reentrant=False)
-                x = ckpt(block, x, cos, sin, None, doc_ids)
-            else:
-                x = block(x, cos, sin, cache, doc_ids)
+            x = block(x, cos, sin, cache, doc_ids)
         if cache is not None:
             cache.pos += T
         return self.norm(x)

@@ -18,7 +18,7 @@ from test_infer import CORPUS, train_tiny
 lm_eval = pytest.importorskip("lm_eval")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-from infer.eval_run import run_lm_eval  # noqa: E402
+from infer.evaluate import run_lm_eval  # noqa: E402
 from infer.lm_eval_adapter import FurnaceLM  # noqa: E402
 from infer.perplexity import val_perplexity  # noqa: E402
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from data import train_bpe
-from infer.hf_export import export_hf
+from infer.export_hf import export_hf
 from model import GPT, FurnaceError, GPTConfig, save
 
 transformers = pytest.importorskip("transformers")

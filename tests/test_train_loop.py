@@ -121,3 +121,17 @@ def test_no_weight_decay_on_norms_and_embeddings():
     assert id(model.layers[0].attn.q_proj.weight) in decay
     n = sum(len(g["params"]) for g in opt.param_groups)
     assert n == len(list(model.parameters()))          # every parameter exactly once (tied head too)
+
+
+def test_activation_checkpointing_gives_the_same_step_and_plain_names(tmp_path):
+    """--activation-checkpointing wraps the blocks from outside the model (the Trainer): same update as
+    without, and the state_dict (hence every checkpoint and the EMA) keeps the model's own names."""
+    x, y = data_with_uneven_targets()
+    plain = make_trainer(tmp_path / "a", [(x, y)], grad_accum=1)
+    ckpt = make_trainer(tmp_path / "b", [(x, y)], grad_accum=1, activation_checkpointing=True, ema=0.9)
+    assert plain.train_step()["loss"] == ckpt.train_step()["loss"]
+    for p_a, p_b in zip(plain.model.parameters(), ckpt.model.parameters()):
+        torch.testing.assert_close(p_a, p_b, rtol=0, atol=0)
+    names = set(ckpt.model.state_dict())
+    assert names == set(GPT(GPTConfig(**CFG)).state_dict()) and set(ckpt.ema) <= names
+    assert "CheckpointWrapper" in repr(ckpt.model.layers[0])

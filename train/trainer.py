@@ -30,6 +30,7 @@ from safetensors.torch import load_file
 
 from kernels.common import FurnaceError
 from model.flops import mfu as compute_mfu, peak_tflops
+from model.gpt import Block
 from model.io import load as load_model, unwrap
 from train.checkpoint import load_trainer_state, rng_state, save_checkpoint, set_rng_state, truncate_metrics
 from train.metrics import MetricsLog, StepTimer, format_step, init_wandb, plot_losses, run_record
@@ -324,17 +325,29 @@ class Trainer:
 def _wrap(model: torch.nn.Module, opts: TrainOptions, rt: Runtime) -> torch.nn.Module:
     """FP8 conversion, activation checkpointing, torch.compile, then DDP."""
     convert_linears(model, rt.precision)
-    model.activation_checkpointing = opts.activation_checkpointing
-    if opts.activation_checkpointing and rt.precision.fp8 == "te":
-        # torch.utils.checkpoint recomputes in backward, outside fp8_autocast: TE's te.distributed.checkpoint
-        # restores the FP8 state and reuses the forward's scaling factors (TransformerEngine issue 415).
-        from transformer_engine.pytorch.distributed import checkpoint as te_checkpoint
-        model.checkpoint_fn = functools.partial(te_checkpoint, use_reentrant=False)
+    if opts.activation_checkpointing:
+        _checkpoint_blocks(model, rt.precision)
     wrapped = torch.compile(model) if opts.compile else model
     if rt.world_size > 1:
         from torch.nn.parallel import DistributedDataParallel as DDP
         wrapped = DDP(wrapped, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
     return wrapped
+
+
+def _checkpoint_blocks(model: torch.nn.Module, prec: Precision) -> None:
+    """Recompute each transformer block in backward instead of keeping its activations. The wrapper keeps
+    the state_dict's names (checkpoints stay plain). Under TransformerEngine FP8, torch.utils.checkpoint would
+    recompute outside fp8_autocast: TE's own checkpoint restores the FP8 state and reuses the forward's
+    scaling factors (TransformerEngine issue 415)."""
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (apply_activation_checkpointing,
+                                                                              checkpoint_wrapper)
+    if prec.fp8 == "te":
+        from transformer_engine.pytorch.distributed import checkpoint as fn
+    else:
+        from torch.utils.checkpoint import checkpoint as fn
+    apply_activation_checkpointing(
+        model, checkpoint_wrapper_fn=functools.partial(checkpoint_wrapper, checkpoint_fn=fn, use_reentrant=False),
+        check_fn=lambda m: isinstance(m, Block))
 
 
 def _peaks(opts: TrainOptions, device: torch.device) -> tuple[float | None, float | None]:
@@ -354,6 +367,7 @@ def _float_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     would be serialised, with a device-to-host copy, for every layer at every EMA update."""
     out = {}
     for prefix, mod in model.named_modules(remove_duplicate=False):
+        prefix = prefix.replace("._checkpoint_wrapped_module", "")  # --activation-checkpointing's wrapper
         pre = prefix + "." if prefix else ""
         for n, t in mod.named_parameters(recurse=False, remove_duplicate=False):
             out[pre + n] = t
