@@ -6,7 +6,7 @@ int8: every nn.Linear in the blocks and the LM head becomes an `Int8Linear` hold
 fp32 scale per output channel (symmetric, scale = max|w_row| / 127). The token embedding stays fp32 (a
 lookup reads one row per token, not the matrix); with tied embeddings the LM head gets its own int8 copy.
 Norm weights, RoPE tables and the KV cache stay fp32. q/k/v and gate/up are fused into one int8 linear each
-(the model's `qkv_proj` / `gate_up_proj` hooks): 4 calls per layer instead of 7.
+(FusedAttention / FusedMLP swapped in): 4 calls per layer instead of 7.
 
 CPU matmul kernel, measured on a 2-core AVX-512 EPYC (bench/generate.py, infer/README.md): FBGEMM's
 dynamic int8 linear (`quantized::linear_dynamic`: activations quantized per call to uint8, int32
@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from infer import int8_op
 from kernels.common import FurnaceError
-from model.gpt import GPT
+from model.gpt import GPT, MLP, Attention
 
 log = logging.getLogger("furnace")
 MODES = ("fp32", "bf16", "int8")
@@ -136,17 +136,39 @@ def _float_linear(weight: torch.Tensor) -> nn.Linear:
     return lin
 
 
+class FusedAttention(Attention):
+    """Attention whose q|k|v is one linear (stacked rows: the same numbers; int8 scales are per row)."""
+
+    def __init__(self, attn: Attention, make_linear):
+        nn.Module.__init__(self)
+        self.cfg, self.layer, self.o_proj = attn.cfg, attn.layer, attn.o_proj
+        if attn.cfg.qk_norm:
+            self.q_norm, self.k_norm = attn.q_norm, attn.k_norm
+        self.qkv_proj = make_linear(torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]))  # (d+2kv, d)
+
+    def project(self, x):
+        kv_dim = self.cfg.n_kv_head * self.cfg.head_dim
+        return self.qkv_proj(x).split([self.cfg.n_embd, kv_dim, kv_dim], dim=-1)   # (B, T, d), (B, T, kv) x 2
+
+
+class FusedMLP(MLP):
+    """SwiGLU MLP whose gate|up is one linear."""
+
+    def __init__(self, mlp: MLP, make_linear):
+        nn.Module.__init__(self)
+        self.cfg, self.down_proj = mlp.cfg, mlp.down_proj
+        self.gate_up_proj = make_linear(torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]))   # (2 ffn, d)
+
+    def gate_up(self, x):
+        return self.gate_up_proj(x).chunk(2, dim=-1)                                     # (B, T, ffn) each
+
+
 def fuse_projections(model: GPT, make_linear) -> GPT:
-    """q|k|v and gate|up into one linear each (the model's `qkv_proj` / `gate_up_proj` hooks): one call per
-    group instead of three and two, for the same numbers (stacked rows; int8 scales are per row)."""
+    """Swap in FusedAttention / FusedMLP: one call for q|k|v and one for gate|up instead of three and two."""
     with torch.no_grad():
         for block in model.layers:
-            a, m = block.attn, block.mlp
-            if a.qkv_proj is not None:
-                continue
-            a.qkv_proj = make_linear(torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]))  # (d+2kv, d)
-            m.gate_up_proj = make_linear(torch.cat([m.gate_proj.weight, m.up_proj.weight]))         # (2 ffn, d)
-            del a.q_proj, a.k_proj, a.v_proj, m.gate_proj, m.up_proj
+            if not isinstance(block.attn, FusedAttention):
+                block.attn, block.mlp = FusedAttention(block.attn, make_linear), FusedMLP(block.mlp, make_linear)
     return model
 
 

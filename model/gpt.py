@@ -72,18 +72,13 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(cfg.n_embd, kv_dim, bias=False)
         self.v_proj = nn.Linear(cfg.n_embd, kv_dim, bias=False)
         self.o_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=False)
-        self.qkv_proj = None  # optional fused q|k|v projection (infer.quantize): one matmul instead of three
         if cfg.qk_norm:
             self.q_norm, self.k_norm = RMSNorm(hd, cfg), RMSNorm(hd, cfg)
 
     def forward(self, x, cos, sin, cache: KVCache | None = None, doc_ids=None):
         B, T, _ = x.shape
         cfg, impl = self.cfg, self.cfg.kernels
-        if self.qkv_proj is not None:
-            kv_dim = cfg.n_kv_head * cfg.head_dim
-            q, k, v = self.qkv_proj(x).split([cfg.n_embd, kv_dim, kv_dim], dim=-1)
-        else:
-            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q, k, v = self.project(x)
         q = q.view(B, T, cfg.n_head, cfg.head_dim)                      # (B, T, H, hd)
         k = k.view(B, T, cfg.n_kv_head, cfg.head_dim)                   # (B, T, Hkv, hd)
         v = v.view(B, T, cfg.n_kv_head, cfg.head_dim)                   # (B, T, Hkv, hd)
@@ -97,6 +92,11 @@ class Attention(nn.Module):
         return self.o_proj(y.reshape(B, T, cfg.n_embd))
 
 
+    def project(self, x):
+        """x (B, T, d) -> q (B, T, d), k and v (B, T, kv_dim). infer.quant swaps in a fused subclass."""
+        return self.q_proj(x), self.k_proj(x), self.v_proj(x)
+
+
 class MLP(nn.Module):
     def __init__(self, cfg: GPTConfig):
         super().__init__()
@@ -104,13 +104,13 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(cfg.n_embd, cfg.ffn_hidden, bias=False)
         self.up_proj = nn.Linear(cfg.n_embd, cfg.ffn_hidden, bias=False)
         self.down_proj = nn.Linear(cfg.ffn_hidden, cfg.n_embd, bias=False)
-        self.gate_up_proj = None  # optional fused gate|up projection (infer.quantize)
+
+    def gate_up(self, x):
+        """x (B, T, d) -> gate, up (B, T, ffn). infer.quant swaps in a fused subclass."""
+        return self.gate_proj(x), self.up_proj(x)
 
     def forward(self, x):
-        if self.gate_up_proj is not None:
-            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)                     # (B, T, ffn) each
-        else:
-            gate, up = self.gate_proj(x), self.up_proj(x)
+        gate, up = self.gate_up(x)
         h = swiglu(gate, up, impl=self.cfg.kernels)                        # (B, T, ffn)
         return self.down_proj(h)
 
