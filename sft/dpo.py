@@ -141,31 +141,18 @@ def pair_metrics(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor) -
 @torch.no_grad()
 def evaluate_pairs(model, pairs: list[Pair], ref: torch.Tensor, beta: float, batch_size: int, pad_id: int,
                    max_len: int, device, autocast, prefix: str = "val_") -> dict:
-    """Loss and reward metrics over all `pairs` once, weighted by pairs (model put back in its mode)."""
-    m = unwrap(model)
-    was_training = m.training
-    m.eval()
-    dev = torch.device(device)
-    tot: dict[str, float] = {}
-    for s in range(0, len(pairs), batch_size):
-        chunk = pairs[s:s + batch_size]
-        x, y = pair_batch(chunk, pad_id, max_len)
-        n = len(chunk)
-        with autocast(dev.type):
-            logps = sequence_logps(m, x.to(dev), y.to(dev))                  # (2n,)
-        r = ref[s:s + n].to(dev)
-        loss, cr, rr = dpo_loss(logps[:n], logps[n:], r[:, 0], r[:, 1], beta)
-        for k, v in {"loss": loss.item(), **pair_metrics(cr, rr)}.items():
-            tot[k] = tot.get(k, 0.0) + v * n
-    m.train(was_training)
-    return {prefix + k: v / len(pairs) for k, v in tot.items()}
+    """Loss and reward metrics over all `pairs` once (means over pairs; the model put back in its mode)."""
+    logps = reference_logps(unwrap(model), pairs, batch_size, pad_id, max_len, device, autocast)   # (N, 2)
+    loss, cr, rr = dpo_loss(logps[:, 0], logps[:, 1], ref[:, 0], ref[:, 1], beta)
+    return {prefix + k: v for k, v in {"loss": loss.item(), **pair_metrics(cr, rr)}.items()}
 
 
 # ---- reference log-probs, cached -----------------------------------------------------------------
 @torch.no_grad()
 def reference_logps(model, pairs: list[Pair], batch_size: int, pad_id: int, max_len: int, device,
                     autocast=None) -> torch.Tensor:
-    """(N, 2) float32: the frozen model's summed completion log-probs of each pair's (chosen, rejected)."""
+    """(N, 2) float32: `model`'s summed completion log-probs of each pair's (chosen, rejected), on the CPU
+    (the frozen --init model's before training: the reference; the policy's when evaluating)."""
     was_training = model.training
     model.eval()
     out = torch.empty(len(pairs), 2)
