@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from infer.decode import compile_decode
+from infer.decode import Decoder
 from infer.generation import generate
 from infer.export_hf import export_hf
 from infer.quant import Int8Linear, quantize, weight_bytes_per_token
@@ -47,10 +47,10 @@ def matvec_gbps(mode: str = "fp32", mib: int = 256, reps: int = 20) -> float:
     return n * n * elem / statistics.median(ts) / 1e9
 
 
-def _ours(model, prompt, n):
+def _ours(decoder, prompt, n):
     stamps = []
     t0 = time.perf_counter()
-    generate(model, prompt, n, on_token=lambda _: stamps.append(time.perf_counter()))
+    generate(decoder.model, prompt, n, on_token=lambda _: stamps.append(time.perf_counter()), decoder=decoder)
     return stamps[0] - t0, (len(stamps) - 1) / (stamps[-1] - stamps[0])
 
 
@@ -137,19 +137,20 @@ def run_bench(args) -> int:
         torch.manual_seed(0)
         base = GPT(cfg).eval()
         prompt = torch.randint(0, cfg.vocab_size, (args.prompt_len,), generator=torch.Generator().manual_seed(0)).tolist()
-        variants = []  # (row, fn, model)
+        variants = []  # (row, fn, model or our Decoder)
         for mode in modes:
             for compiled in compile_choices:
                 m = quantize(copy.deepcopy(base), mode)
                 wb = weight_bytes_per_token(m)
                 row = {"impl": "furnace+compile" if compiled else "furnace", "preset": preset, "dtype": mode,
                        "weight_MB": wb / 1e6, "bound_tok_s": gbps * 1e9 / wb}
+                dec = Decoder(m)
                 if compiled:
                     t = time.perf_counter()
-                    if not compile_decode(m):
+                    if not dec.compile():
                         raise FurnaceError("--compile: compiling the decode step failed (see the log line above)")
                     row["compile_s"] = time.perf_counter() - t
-                variants.append((row, _ours, m))
+                variants.append((row, _ours, dec))
         if hf_modes:
             import transformers
             with tempfile.TemporaryDirectory() as tmp:

@@ -29,7 +29,7 @@ def _note(text: str) -> None:
 
 
 def make_session(args):
-    from infer.decode import compile_decode, wants_compile
+    from infer.decode import Decoder, wants_compile
     from infer.runtime import load_for_inference, set_threads
     from infer.sampling import SamplingParams
     from infer.session import ChatSession, CompletionSession
@@ -38,9 +38,11 @@ def make_session(args):
     sampling = SamplingParams(args.temperature, args.top_k, args.top_p, args.repetition_penalty)
     set_threads(args.threads)
     model, tok, _ = load_for_inference(args.ckpt, args.device, args.dtype, args.tokenizer)
+    decoder = Decoder(model)
     if wants_compile(args.compile, model):
-        compile_decode(model)
-    kw = dict(sampling=sampling, max_new_tokens=args.max_new_tokens, seed=args.seed, write=_out, notice=_note)
+        decoder.compile()
+    kw = dict(sampling=sampling, max_new_tokens=args.max_new_tokens, seed=args.seed, write=_out, notice=_note,
+              decoder=decoder)
     if args.complete:
         return CompletionSession(model, tok, **kw)
     return ChatSession(model, tok, system=args.system, **kw)

@@ -1,4 +1,9 @@
-"""A compiled one-token decode step for CPU: `compile_decode(model)`.
+"""The decoder: next-token logits for a model, eager or through a compiled one-token step (CPU).
+
+    decoder = Decoder(model)
+    decoder.compile()                      # optional; False (and eager decoding) when compiling fails
+    generate(model, prompt, 64, decoder=decoder)
+The compiled step lives in the Decoder, not on the model: the model stays a plain module.
 
 Why: decoding one token is a chain of ~60 small ops per layer (RMSNorm, RoPE, SwiGLU, cache writes, casts,
 views). Eager PyTorch spends 5-10 us on each, about 4 ms per token on 112m: as much as the int8 matmuls
@@ -46,57 +51,63 @@ def wants_compile(choice: str, model: GPT) -> bool:
     return choice == "on"
 
 
-def compile_decode(model: GPT) -> bool:
-    """Compile `model`'s one-token decode step (used by infer.generate for every token after the prompt).
-    Compiles now, on a scratch cache, so failures show here. Returns True when the compiled step is in use."""
-    device = model.embed.weight.device
-    if device.type != "cpu":
-        log.info(f"decode: eager (the compiled decode step is for CPU; model on {device})")
-        return False
-    log.info("decode: compiling the one-token step (first time up to ~45 s on 2 cores; cached on disk after)")
-    t0 = time.perf_counter()
-    # Dynamo keeps compiled graphs per code object: give each model a copy of _step's code, so models in one
-    # process (bench/generate.py compiles six) never check each other's guards or share a recompile limit.
-    fn = types.FunctionType(_step.__code__.replace(), _step.__globals__, "decode_step")
-    step = torch.compile(fn, dynamic=True, options={"cpp_wrapper": True})
-    try:
-        with torch.inference_mode():
-            # Positions 2 and 3: position 0 (Tq == Tk, a different attention branch) never reaches the step,
-            # since a prompt always fills the cache first, and 0 / 1 are values dynamo specialises. The second
-            # call must reuse the first graph: one cache entry, so skipping guards later (last_logits) is sound.
-            cache = model.new_cache(1)
-            x = torch.zeros(1, 1, dtype=torch.long, device=device)
-            step(model, x, cache, 2)
-            with torch.compiler.set_stance("fail_on_recompile"):
-                step(model, x, cache, 3)
-    except Exception as e:  # noqa: BLE001 - any compile failure falls back to eager
-        first = (str(e).strip().splitlines() or [""])[0][:160]
-        log.warning(f"decode: eager (compiling the decode step failed: {type(e).__name__}: {first})")
-        model.decode_step = None
-        return False
-    model.decode_step, model.decode_cache_signature = step, _cache_signature(cache)
-    log.info(f"decode: compiled in {time.perf_counter() - t0:.1f} s")
-    return True
+class Decoder:
+    """Logits (V,) fp32 of the last position of `x` for `model`; one-token steps with a cache take the
+    compiled step once compile() has succeeded, every other call (prefill, no cache) runs eagerly."""
 
+    def __init__(self, model: GPT):
+        self.model = model
+        self.step = None             # the compiled step, once compile() succeeded
+        self._signature = None       # the warm-up cache's layout: what the step was built for
 
-def last_logits(model: GPT, x: torch.Tensor, cache: KVCache | None) -> torch.Tensor:
-    """Logits (V,) fp32 of x's last position; one-token steps with a cache take the compiled step if any."""
-    step = getattr(model, "decode_step", None)
-    if step is not None and cache is not None and x.shape == (1, 1) and _fits(model, x, cache):
-        # Dynamo's guards on every parameter and cache tensor cost ~0.35 ms per token on 112m (6%); _fits
-        # checks what they protect for the one graph this model's step holds, so they are skipped.
-        with torch.compiler.set_stance(skip_guard_eval_unsafe=True):
-            return step(model, x, cache, cache.pos)
-    return eager_last_logits(model, x, cache)
+    def compile(self) -> bool:
+        """Compile the one-token decode step now, on a scratch cache, so failures show here. Returns True
+        when the compiled step is in use."""
+        model = self.model
+        device = model.embed.weight.device
+        if device.type != "cpu":
+            log.info(f"decode: eager (the compiled decode step is for CPU; model on {device})")
+            return False
+        log.info("decode: compiling the one-token step (first time up to ~45 s on 2 cores; cached on disk after)")
+        t0 = time.perf_counter()
+        # Dynamo keeps compiled graphs per code object: give each decoder a copy of _step's code, so models in one
+        # process (bench/generate.py compiles six) never check each other's guards or share a recompile limit.
+        fn = types.FunctionType(_step.__code__.replace(), _step.__globals__, "decode_step")
+        step = torch.compile(fn, dynamic=True, options={"cpp_wrapper": True})
+        try:
+            with torch.inference_mode():
+                # Positions 2 and 3: position 0 (Tq == Tk, a different attention branch) never reaches the step,
+                # since a prompt always fills the cache first, and 0 / 1 are values dynamo specialises. The second
+                # call must reuse the first graph: one cache entry, so skipping guards later (last_logits) is sound.
+                cache = model.new_cache(1)
+                x = torch.zeros(1, 1, dtype=torch.long, device=device)
+                step(model, x, cache, 2)
+                with torch.compiler.set_stance("fail_on_recompile"):
+                    step(model, x, cache, 3)
+        except Exception as e:  # noqa: BLE001 - any compile failure falls back to eager
+            first = (str(e).strip().splitlines() or [""])[0][:160]
+            log.warning(f"decode: eager (compiling the decode step failed: {type(e).__name__}: {first})")
+            self.step = None
+            return False
+        self.step, self._signature = step, _cache_signature(cache)
+        log.info(f"decode: compiled in {time.perf_counter() - t0:.1f} s")
+        return True
+
+    def last_logits(self, x: torch.Tensor, cache: KVCache | None) -> torch.Tensor:
+        if self.step is not None and cache is not None and x.shape == (1, 1) and self._fits(x, cache):
+            # Dynamo's guards on every parameter and cache tensor cost ~0.35 ms per token on 112m (6%); _fits
+            # checks what they protect for the one graph this step holds, so they are skipped.
+            with torch.compiler.set_stance(skip_guard_eval_unsafe=True):
+                return self.step(self.model, x, cache, cache.pos)
+        return eager_last_logits(self.model, x, cache)
+
+    def _fits(self, x: torch.Tensor, cache: KVCache) -> bool:
+        """The inputs the compiled step was built for: a one-token int64 id on the model's device, a cache like
+        the warm-up's (new_cache(1)), a position from 2 to the last free one, and inference mode (as in generate)."""
+        return (torch.is_inference_mode_enabled() and x.dtype == torch.long and x.device == cache.k[0].device
+                and 2 <= cache.pos < cache.max_len and _cache_signature(cache) == self._signature)
 
 
 def _cache_signature(cache: KVCache) -> tuple:
     k = cache.k[0]
     return len(cache.k), len(cache.v), tuple(k.shape), k.stride(), k.dtype, k.device, k.is_inference()
-
-
-def _fits(model: GPT, x: torch.Tensor, cache: KVCache) -> bool:
-    """The inputs the compiled step was built for: a one-token int64 id on the model's device, a cache like the
-    warm-up's (new_cache(1)), a position from 2 to the last free one, and inference mode (as in generate)."""
-    return (torch.is_inference_mode_enabled() and x.dtype == torch.long and x.device == cache.k[0].device
-            and 2 <= cache.pos < cache.max_len and _cache_signature(cache) == model.decode_cache_signature)

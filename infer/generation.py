@@ -10,7 +10,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from infer.decode import last_logits as _last_logits
+from infer.decode import Decoder
 from infer.sampling import SamplingParams, next_token
 from model.gpt import GPT, KVCache
 
@@ -32,15 +32,18 @@ def fit_prompt(prompt_ids: Sequence[int], max_len: int) -> tuple[list[int], int]
 def generate(model: GPT, prompt_ids: Sequence[int], max_new_tokens: int, temperature: float = 0.0,
              top_k: int | None = None, top_p: float | None = None, repetition_penalty: float = 1.0,
              stop_ids: Sequence[int] = (), use_cache: bool = True, seed: int | None = None,
-             on_token: Callable[[int], None] | None = None, cache: KVCache | None = None) -> list[int]:
+             on_token: Callable[[int], None] | None = None, cache: KVCache | None = None,
+             decoder: Decoder | None = None) -> list[int]:
     """Generate up to `max_new_tokens` tokens after `prompt_ids`; returns the new tokens (a stop token that
     ended generation is included). Stops early at a stop id or when the context is full.
 
     A prompt longer than the context keeps its last tokens (logged). `cache` (optional, for multi-turn
     reuse): a KV cache whose first `cache.pos` positions already hold `prompt_ids[:cache.pos]`; only the rest
     is prefilled. `on_token(id)` is called for every new token as soon as it is chosen (streaming); an
-    exception it raises (e.g. KeyboardInterrupt) stops generation and propagates.
+    exception it raises (e.g. KeyboardInterrupt) stops generation and propagates. `decoder`: the model's
+    Decoder (infer/decode.py; with a compiled step), default an eager one.
     """
+    decoder = decoder or Decoder(model)
     params = SamplingParams(temperature, top_k, top_p, repetition_penalty)
     T_max = context_len(model)
     ids, dropped = fit_prompt(prompt_ids, T_max - 1)
@@ -66,9 +69,9 @@ def generate(model: GPT, prompt_ids: Sequence[int], max_new_tokens: int, tempera
         start = min(cache.pos, len(ids) - 1)                            # always feed >= 1 token
         cache.pos = start
         x = torch.tensor([ids[start:]], dtype=torch.long, device=device)  # (1, T)
-        logits = _last_logits(model, x, cache)
+        logits = decoder.last_logits(x, cache)
     else:
-        logits = _last_logits(model, torch.tensor([ids], dtype=torch.long, device=device), None)
+        logits = decoder.last_logits(torch.tensor([ids], dtype=torch.long, device=device), None)
     while True:
         tok = next_token(logits.cpu() if logits.device.type != "cpu" else logits, params, seen, gen)
         out.append(tok)
@@ -80,8 +83,8 @@ def generate(model: GPT, prompt_ids: Sequence[int], max_new_tokens: int, tempera
             seen = torch.cat([seen, torch.tensor([tok])])
         if use_cache:
             x = torch.tensor([[tok]], dtype=torch.long, device=device)   # (1, 1)
-            logits = _last_logits(model, x, cache)
+            logits = decoder.last_logits(x, cache)
         else:
             full = torch.tensor([ids + out], dtype=torch.long, device=device)  # (1, T)
-            logits = _last_logits(model, full, None)
+            logits = decoder.last_logits(full, None)
 

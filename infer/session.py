@@ -54,8 +54,8 @@ def common_prefix(a: list[int], b: list[int]) -> int:
 
 class _Base:
     def __init__(self, model: GPT, tokenizer, sampling: SamplingParams | None = None, max_new_tokens: int = 256,
-                 seed: int | None = None, write: Writer = print, notice: Writer = print):
-        self.model, self.tok = model, tokenizer
+                 seed: int | None = None, write: Writer = print, notice: Writer = print, decoder=None):
+        self.model, self.tok, self.decoder = model, tokenizer, decoder  # decoder: infer.decode.Decoder or None
         self.sampling = sampling or SamplingParams()
         self.max_new_tokens = max_new_tokens
         self.seed, self.turn = seed, 0
@@ -93,7 +93,8 @@ class _Base:
         s = self.sampling
         try:
             out = generate(self.model, prompt, self.max_new_tokens, s.temperature, s.top_k, s.top_p,
-                           s.repetition_penalty, stop_ids=stops, seed=seed, on_token=on_token, cache=self.cache)
+                           s.repetition_penalty, stop_ids=stops, seed=seed, on_token=on_token, cache=self.cache,
+                           decoder=self.decoder)
         except KeyboardInterrupt:
             self.write(dec.flush())
             self.cached_ids, self.cache.pos = [], 0   # the cache may hold a half-written step

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from infer import generate, int8_op, quantize
-from infer.decode import compile_decode, eager_last_logits, wants_compile
+from infer.decode import Decoder, eager_last_logits, wants_compile
 from infer.quant import Int8Linear, quantize_rows
 from test_infer import random_model  # tests/ is on sys.path under pytest
 
@@ -78,26 +78,28 @@ def test_compiled_decode_matches_eager(mode):
         cache = model.new_cache(1)
         eager_last_logits(model, torch.tensor([prompt]), cache)
         ref = [eager_last_logits(model, torch.tensor([[t]]), cache) for t in eager_ids[:-1]]
-    assert compile_decode(model) and model.decode_step is not None
+    dec = Decoder(model)
+    assert dec.compile() and dec.step is not None
     # The compiled step gives the same greedy tokens, and for a second prompt of another length with a fresh
     # cache it must not compile again (one graph, symbolic position).
     with torch.compiler.set_stance("fail_on_recompile"):
-        assert generate(model, prompt, 30) == eager_ids
-        generate(model, prompt[:4], 10)
+        assert generate(model, prompt, 30, decoder=dec) == eager_ids
+        generate(model, prompt[:4], 10, decoder=dec)
         with torch.inference_mode():
             cache = model.new_cache(1)
             eager_last_logits(model, torch.tensor([prompt]), cache)
-            got = [model.decode_step(model, torch.tensor([[t]]), cache, cache.pos) for t in eager_ids[:-1]]
+            got = [dec.step(model, torch.tensor([[t]]), cache, cache.pos) for t in eager_ids[:-1]]
     assert cache.pos == len(prompt) + len(eager_ids) - 1
     # generate() skips dynamo's guards for the compiled step (infer.decode._fits checks the inputs instead): a
     # cache unlike the warm-up's (another length) must take the eager path and still give the same tokens.
     calls = []
-    compiled = model.decode_step
-    model.decode_step = lambda *a: calls.append(1) or compiled(*a)
-    assert generate(model, prompt, 30, cache=model.new_cache(1, 48)) == eager_ids and not calls
-    assert generate(model, prompt, 30) == eager_ids and len(calls) == 29
+    compiled = dec.step
+    dec.step = lambda *a: calls.append(1) or compiled(*a)
+    assert generate(model, prompt, 30, cache=model.new_cache(1, 48), decoder=dec) == eager_ids and not calls
+    assert generate(model, prompt, 30, decoder=dec) == eager_ids and len(calls) == 29
     # A cache made outside inference mode (as chat sessions make theirs) takes the compiled step too.
-    assert generate(model, prompt, 30, cache=model.new_cache(1)) == eager_ids and len(calls) == 58
+    assert generate(model, prompt, 30, cache=model.new_cache(1), decoder=dec) == eager_ids and len(calls) == 58
+    assert generate(model, prompt, 30) == eager_ids and len(calls) == 58   # no decoder: eager, model untouched
     # Fused C++ loops sum in another order than eager ops: measured max |diff| 1.9e-6 (int8 and fp32)
     # on logits of magnitude ~10; bound 1e-4.
     err = max((a - b).abs().max().item() for a, b in zip(got, ref))
@@ -115,9 +117,10 @@ def test_compile_failure_falls_back_to_eager(monkeypatch, caplog):
 
     monkeypatch.setattr(torch, "compile", broken_compile)
     with caplog.at_level(logging.WARNING, logger="furnace"):
-        assert compile_decode(model) is False
+        dec = Decoder(model)
+        assert dec.compile() is False
     assert "decode: eager (compiling the decode step failed: RuntimeError: no C++ compiler found)" in caplog.text
-    assert model.decode_step is None and generate(model, [1, 2, 3], 8) == expected
+    assert dec.step is None and generate(model, [1, 2, 3], 8, decoder=dec) == expected
 
 
 def test_auto_compiles_only_models_of_20m_matmul_parameters_or_more():
