@@ -1,5 +1,5 @@
 """CPU generation speed: time to first token and decode tokens/s for our generate (fp32, bf16, int8) next to
-Hugging Face transformers' generate on the same weights (exported by infer/hf_export.py), with the
+Hugging Face transformers' generate on the same weights (exported by infer/export_hf.py), with the
 memory-bandwidth bound: the best matrix-vector GB/s measured in the run (fp32, bf16 and int8 kernels over a
 256 MiB matrix) / weight bytes read per token. Our rows come eager and with the compiled decode step.
 

@@ -58,7 +58,7 @@ class MetricsLog:
 
 
 def format_step(rec: dict, extra: tuple[str, ...] = (), unit: str = "tok") -> str:
-    """One console line; `extra` names further float fields of `rec` to show (a loss_fn's own metrics)."""
+    """One console line; `extra` names further float fields of `rec` to show (a task's own metrics)."""
     parts = [f"step {rec['step']}", f"loss {rec['loss']:.4f}", *(f"{k} {rec[k]:.4f}" for k in extra if k in rec),
              f"lr {rec['lr']:.2e}"]
     if rec.get("grad_norm") is not None:

@@ -1,6 +1,6 @@
 """Training options: one dataclass, filled from defaults < --config FILE < CLI flags.
 
-SFT and DPO reuse it (their CLIs add a few fields of their own through `extra`).
+SFT and DPO reuse it (with their own defaults; their few flags of their own: sft/common.py FinetuneOptions).
 """
 from __future__ import annotations
 
@@ -64,7 +64,7 @@ class TrainOptions:
         return dataclasses.asdict(self)
 
 
-# Fields that describe the run itself: a resumed run must agree on these (see checkpoint.check_same_run).
+# Fields that describe the run itself: a resumed run must agree on these (see checkpoint.check_out_dir).
 RUN_DEFINING = ("preset", "data", "batch_size", "seq_len", "grad_accum", "lr", "min_lr", "warmup", "schedule",
                 "weight_decay", "grad_clip", "z_loss", "seed", "fp8", "init")
 
