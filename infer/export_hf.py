@@ -11,6 +11,8 @@ qk_norm has no Llama equivalent and is refused.
 
 The folder: config.json, model.safetensors, tokenizer.json, tokenizer_config.json (with the chat template),
 generation_config.json (stops at <|im_end|> and <|endoftext|>), special_tokens_map.json.
+A LoRA adapter run (sft/train_sft.py --lora-rank R) exports as OUT/base (its base, as above) and OUT/adapter
+(a PEFT folder: adapter_config.json + adapter_model.safetensors): `PeftModel.from_pretrained(base, OUT/adapter)`.
 """
 from __future__ import annotations
 
@@ -175,6 +177,54 @@ def export_hf(model: GPT, out: str | os.PathLike, tokenizer=None, dtype: str = "
     return out
 
 
+def export_peft_adapter(model: GPT, out: str | os.PathLike, base_dir: str | os.PathLike) -> Path:
+    """A LoRA-adapted model's adapters as a PEFT folder (adapter_config.json + adapter_model.safetensors) for
+    the LlamaForCausalLM export of its base in `base_dir`: PeftModel.from_pretrained(llama, out) gives our
+    adapted model's logits. Keys: base_model.model.model.layers.{i}.self_attn.q_proj.lora_A.weight, ..."""
+    import torch
+    from safetensors.torch import save_file
+
+    from model.lora import TARGETS, adapter_state_dict
+    cfg = model.lora
+    out = Path(out)
+    tensors = {}
+    for name, t in adapter_state_dict(model).items():       # layers.{i}.attn.q_proj.lora_A
+        _, i, rest = name.split(".", 2)
+        module, ab = rest.rsplit(".", 1)                      # attn.q_proj, lora_A
+        hf = _RENAME[module + ".weight"][:-len(".weight")]    # self_attn.q_proj
+        tensors[f"base_model.model.model.layers.{i}.{hf}.{ab}.weight"] = t.detach().to("cpu", torch.float32).contiguous()
+    conf = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": str(Path(base_dir).resolve()),
+            "r": cfg.rank, "lora_alpha": cfg.alpha, "lora_dropout": cfg.dropout,
+            "target_modules": [TARGETS[t].split(".")[1] for t in cfg.targets], "bias": "none",
+            "fan_in_fan_out": False, "use_rslora": False, "use_dora": False, "init_lora_weights": True,
+            "modules_to_save": None, "inference_mode": True}
+    tmp = out.parent / f".{out.name}.tmp{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        (tmp / "adapter_config.json").write_text(json.dumps(conf, indent=2) + "\n")
+        save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def export_adapter_run(ckpt, out: str | os.PathLike, tokenizer=None, dtype: str = "fp32") -> tuple[Path, Path]:
+    """An adapter checkpoint -> OUT/base (the base as LlamaForCausalLM) and OUT/adapter (PEFT LoRA folder)."""
+    from model.io import load
+    from model.lora import check_base, load_adapted, read_adapter_config
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise FurnaceError(f"export: output {out} already exists and is not empty; choose a new folder "
+                           f"(existing files are never overwritten)")
+    base = load(check_base(read_adapter_config(ckpt), ckpt))
+    adapted = load_adapted(ckpt)
+    base_dir = export_hf(base, out / "base", tokenizer, dtype)
+    return base_dir, export_peft_adapter(adapted, out / "adapter", base_dir)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("ckpt", help="checkpoint folder or training run folder (newest checkpoint)")
@@ -183,8 +233,15 @@ def main(argv=None):
     p.add_argument("--dtype", choices=list(DTYPES), default="fp32", help="weight dtype in model.safetensors")
     args = p.parse_args(argv)
     from infer.runtime import load_tokenizer_for
-    from model.io import load
+    from model.io import load, resolve_checkpoint
+    from model.lora import is_adapter_checkpoint
     tok = load_tokenizer_for(args.ckpt, args.tokenizer)
+    ckpt = resolve_checkpoint(args.ckpt)
+    if is_adapter_checkpoint(ckpt):
+        base_dir, adapter_dir = export_adapter_run(ckpt, args.out, tok, args.dtype)
+        logging.getLogger("furnace").info(f"exported LoRA run {args.ckpt}: base -> {base_dir} (LlamaForCausalLM, "
+                                          f"{args.dtype}), adapter -> {adapter_dir} (PEFT)")
+        return 0
     model = load(args.ckpt)
     out = export_hf(model, args.out, tok, args.dtype)
     logging.getLogger("furnace").info(f"exported {args.ckpt} -> {out} (LlamaForCausalLM, {args.dtype})")

@@ -5,6 +5,7 @@ A training run directory holds `checkpoints/step_XXXXXXXX/`; `load` picks the ne
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -49,11 +50,29 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
             return model
 
 
+def file_sha256(path: str | os.PathLike, chunk: int = 1 << 24) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def weights_file(ckpt: Path) -> Path:
+    """model.safetensors, or adapter.safetensors in a LoRA adapter checkpoint (model/lora.py)."""
+    from model.lora import ADAPTER_WEIGHTS, is_adapter_checkpoint
+    return Path(ckpt) / (ADAPTER_WEIGHTS if is_adapter_checkpoint(ckpt) else WEIGHTS_FILE)
+
+
 def save(model: torch.nn.Module, directory: str | os.PathLike) -> Path:
-    """Write config.json and model.safetensors into `directory` (created if needed)."""
+    """Write config.json and model.safetensors into `directory` (created if needed); a model carrying LoRA
+    adapters writes an adapter-only checkpoint instead (model.lora.save_adapter)."""
     d = Path(directory)
-    d.mkdir(parents=True, exist_ok=True)
     inner = unwrap(model)
+    if getattr(inner, "lora", None) is not None:
+        from model.lora import save_adapter
+        return save_adapter(inner, d)
+    d.mkdir(parents=True, exist_ok=True)
     (d / CONFIG_FILE).write_text(json.dumps(inner.config.to_dict(), indent=2) + "\n")
     save_file({k: v.cpu() for k, v in clean_state_dict(inner).items()}, str(d / WEIGHTS_FILE),
               metadata={"format": "pt", "furnace": "1"})
@@ -71,7 +90,7 @@ def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
     if not ck.is_dir():
         return None
     done = [p for p in ck.iterdir() if p.is_dir() and checkpoint_step(p) is not None
-            and (p / CONFIG_FILE).is_file() and (p / WEIGHTS_FILE).is_file()]
+            and (p / CONFIG_FILE).is_file() and weights_file(p).is_file()]
     return max(done, key=checkpoint_step, default=None)
 
 
@@ -84,7 +103,7 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
         if p.name != WEIGHTS_FILE:
             raise FurnaceError(f"checkpoint {p}: expected a directory or a {WEIGHTS_FILE} file")
         p = p.parent
-    if (p / WEIGHTS_FILE).is_file():
+    if (p / WEIGHTS_FILE).is_file() or (p / CONFIG_FILE).is_file() and weights_file(p).is_file():
         return p
     latest = latest_checkpoint(p)  # a training run dir: its newest complete checkpoint
     if latest is None:
@@ -108,8 +127,14 @@ def load_config(ckpt_dir: Path) -> GPTConfig:
 
 def load(path: str | os.PathLike, device="cpu", dtype: torch.dtype | None = None) -> GPT:
     """Load a GPT from a checkpoint dir, a run dir (newest checkpoint) or a model.safetensors file.
-    Returns the model in eval mode on `device`. Errors name the path and what was wrong."""
+    Returns the model in eval mode on `device`. Errors name the path and what was wrong.
+    A LoRA adapter checkpoint loads as its base (checked by hash) with the adapters merged: a plain GPT."""
     ckpt = resolve_checkpoint(path)
+    from model.lora import is_adapter_checkpoint, load_adapted, merge
+    if is_adapter_checkpoint(ckpt):
+        model = merge(load_adapted(ckpt))
+        model = model.to(device)
+        return (model.to(dtype) if dtype is not None else model).eval()
     cfg = load_config(ckpt)
     wf = ckpt / WEIGHTS_FILE
     if not wf.is_file():

@@ -22,7 +22,8 @@ CHAT_TEMPLATE_FILE = "chat_template.json"
 DEFAULTS = {"sft": TrainOptions(lr=3e-4, min_lr=3e-5), "dpo": TrainOptions(lr=1e-4, min_lr=1e-5, schedule="constant")}
 CPU_DEFAULTS, GPU_DEFAULTS = dict(batch_size=8, seq_len=512), dict(batch_size=16, seq_len=2048)
 # A resumed run must agree on these (besides train.options.RUN_DEFINING).
-RESUME_DEFINING = ("kind", "val_data", "skip_bad", "truncate", "beta")
+RESUME_DEFINING = ("kind", "val_data", "skip_bad", "truncate", "beta", "lora_rank", "lora_alpha", "lora_dropout",
+                   "lora_targets")
 
 
 @dataclass
@@ -34,6 +35,11 @@ class FinetuneOptions:
     truncate: bool = False     # cut over-long examples (oldest turns first) instead of treating them as bad
     beta: float = 0.1          # DPO temperature
     ref_cache: str = ""        # DPO reference log-prob cache folder; empty = runs/cache/dpo-ref
+    lora_rank: int = 0         # LoRA rank; 0 = full fine-tuning (model/lora.py)
+    lora_alpha: float = 16.0   # adapter scale = alpha / rank
+    lora_dropout: float = 0.0  # dropout on the adapter's input
+    lora_targets: str = "q,k,v,o"  # any of q,k,v,o,gate,up,down
+    merge: bool = False        # LoRA: after training also write OUT/merged, a full checkpoint
 
 
 def parse(kind: str, description: str, argv) -> tuple[TrainOptions, FinetuneOptions]:
@@ -48,10 +54,24 @@ def parse(kind: str, description: str, argv) -> tuple[TrainOptions, FinetuneOpti
     if kind == "dpo":
         g.add_argument("--beta", type=float, default=0.1, help="DPO temperature (default: 0.1)")
         g.add_argument("--ref-cache", default="", help="reference log-prob cache folder (default: runs/cache/dpo-ref)")
+    if kind in ("sft", "dpo"):
+        lg = ap.add_argument_group("LoRA (model/lora.py)")
+        lg.add_argument("--lora-rank", type=int, default=0, help="adapter rank, e.g. 8 or 16 (default 0: full fine-tuning)")
+        lg.add_argument("--lora-alpha", type=float, default=16.0, help="adapter scale = alpha / rank (default: 16)")
+        lg.add_argument("--lora-dropout", type=float, default=0.0, help="dropout on the adapter's input (default: 0)")
+        lg.add_argument("--lora-targets", default="q,k,v,o", help="any of q,k,v,o,gate,up,down (default: q,k,v,o)")
+        lg.add_argument("--merge", action="store_true", help="after training also write OUT/merged, a full checkpoint")
     args = ap.parse_args(argv)
     opts = options_from_args(args, DEFAULTS[kind])
     ft = FinetuneOptions(kind=kind, val_data=args.val_data, skip_bad=args.skip_bad, truncate=args.truncate,
-                         beta=getattr(args, "beta", 0.1), ref_cache=getattr(args, "ref_cache", ""))
+                         beta=getattr(args, "beta", 0.1), ref_cache=getattr(args, "ref_cache", ""),
+                         lora_rank=getattr(args, "lora_rank", 0), lora_alpha=getattr(args, "lora_alpha", 16.0),
+                         lora_dropout=getattr(args, "lora_dropout", 0.0),
+                         lora_targets=getattr(args, "lora_targets", "q,k,v,o"), merge=getattr(args, "merge", False))
+    from model.lora import validate as validate_lora
+    validate_lora(ft.lora_rank, ft.lora_alpha, ft.lora_dropout, ft.lora_targets)
+    if ft.merge and not ft.lora_rank:
+        raise FurnaceError("--merge writes the base with the LoRA adapters folded in: use it with --lora-rank R")
     if not opts.init:
         what = "a pretrained run, e.g. --init runs/tiny-stdlib-bpe4096" if kind == "sft" else "an SFT run"
         raise FurnaceError(f"--init is required: the checkpoint or run folder to fine-tune ({what})")
@@ -80,13 +100,37 @@ def run(opts: TrainOptions, ft: FinetuneOptions, make_task) -> dict:
     from train.trainer import Trainer
     with init_runtime(opts) as rt:
         job = open_job(opts, ft, rt)
+        if ft.lora_rank:
+            add_lora(job, ft)
         task, record = make_task(opts, ft, rt, job)
-        record = {"finetune": asdict(ft), "init_checkpoint": str(job.init_ckpt), "chat_template": "chatml", **record}
+        trainable = sum(p.numel() for p in job.model.parameters() if p.requires_grad)
+        record = {"finetune": asdict(ft), "init_checkpoint": str(job.init_ckpt), "chat_template": "chatml",
+                  "trainable_params": trainable, **record}
         trainer = Trainer(opts, task, job.model, rt, job.run_dir, resume=job.resume,
                           tokenizer_dir=job.run_dir / "tokenizer")
         summary = trainer.run(record)
+        if ft.merge and rt.is_main:
+            from model.io import latest_checkpoint
+            from sft.merge_lora import merge_checkpoint
+            out = merge_checkpoint(latest_checkpoint(job.run_dir), job.run_dir / "merged")
+            log.info(f"--merge: full checkpoint with the adapters folded in: {out}")
         log.info(f"chat with it: python infer/chat.py --ckpt {job.run_dir}")
         return summary
+
+
+def add_lora(job: Job, ft: FinetuneOptions) -> None:
+    """Freeze the --init model and add adapters; checkpoints then hold the adapters and the base's path and
+    sha256 (model/lora.py)."""
+    from model.io import file_sha256, weights_file
+    from model.lora import LoRAConfig, apply_lora, parse_targets
+    base = job.init_ckpt.resolve()
+    cfg = LoRAConfig(ft.lora_rank, ft.lora_alpha, ft.lora_dropout, parse_targets(ft.lora_targets), str(base),
+                     file_sha256(weights_file(base)))
+    apply_lora(job.model, cfg)
+    n = sum(p.numel() for p in job.model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in job.model.parameters())
+    log.info(f"LoRA: rank {cfg.rank}, alpha {cfg.alpha}, dropout {cfg.dropout}, targets {','.join(cfg.targets)}: "
+             f"{n:,} trainable of {total:,} parameters ({100 * n / total:.2f}%); base {base} frozen")
 
 
 def open_job(opts: TrainOptions, ft: FinetuneOptions, rt) -> Job:

@@ -168,14 +168,6 @@ def reference_logps(model, pairs: list[Pair], batch_size: int, pad_id: int, max_
     return out
 
 
-def file_sha256(path: Path, chunk: int = 1 << 24) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
 def pairs_sha256(pairs: list[Pair]) -> str:
     """Hash of the tokenized pairs (ids and labels): covers files, formats, template and truncation at once."""
     h = hashlib.sha256()

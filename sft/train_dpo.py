@@ -30,8 +30,9 @@ def dpo_task(opts, ft, rt, job):
     import json
 
     from model.flops import flops_per_token
+    from model.io import file_sha256, weights_file
     from sft.common import read_data, set_max_steps
-    from sft.dpo import DPOTask, PairLoader, cached_reference_logps, file_sha256, reference_logps
+    from sft.dpo import DPOTask, PairLoader, cached_reference_logps
     from sft.examples import build_sft_example
     from sft.formats import dpo_messages
 
@@ -41,12 +42,12 @@ def dpo_task(opts, ft, rt, job):
     train, val, record = read_data(opts, ft, job, dpo_messages, build, rt.rank)
     pad, model = job.tok.eos_id, job.model
     key = hashlib.sha256()  # what the reference log-probs depend on besides the data
-    for part in (file_sha256(job.init_ckpt / "model.safetensors"), job.tok.sha256,
+    for part in (file_sha256(weights_file(job.init_ckpt)), job.tok.sha256,
                  json.dumps(model.config.to_dict(), sort_keys=True), rt.precision.name):
         key.update(part.encode())
     ref = cached_reference_logps(
         Path(ft.ref_cache or Path("runs") / "cache" / "dpo-ref"), key.hexdigest(), train + val,
-        lambda: reference_logps(model, train + val, opts.batch_size, pad, opts.seq_len, rt.device, rt.precision.autocast))
+        lambda: _reference(model, train + val, opts, pad, rt))
     loader = PairLoader(train, ref[:len(train)], opts.batch_size, pad, opts.seq_len, seed=opts.seed, rank=rt.rank,
                         world_size=rt.world_size, device=rt.device)
     set_max_steps(opts, rt.world_size, len(train))
@@ -58,6 +59,15 @@ def dpo_task(opts, ft, rt, job):
     task = DPOTask(loader, ft.beta, val, ref[len(train):], flops_per_token(model.config, opts.seq_len) * mean_len,
                    rt.device, rt.precision.autocast)
     return task, record
+
+
+def _reference(model, pairs, opts, pad, rt):
+    """The reference policy's log-probs: the --init model; with LoRA, the same model with its adapters off
+    (no second copy of the weights)."""
+    from model.lora import adapters_disabled
+    from sft.dpo import reference_logps
+    with adapters_disabled(model):
+        return reference_logps(model, pairs, opts.batch_size, pad, opts.seq_len, rt.device, rt.precision.autocast)
 
 
 if __name__ == "__main__":

@@ -65,7 +65,11 @@ class Trainer:
         self.prec, self.device = rt.precision, rt.device
         self.run_dir, self.resume, self.tokenizer_dir = Path(run_dir), resume, tokenizer_dir
         if resume is not None:
-            model.load_state_dict(load_model(resume).state_dict())
+            if getattr(model, "lora", None) is not None:  # an adapter-only checkpoint: the base is already here
+                from model.lora import ADAPTER_WEIGHTS, load_adapter_weights
+                load_adapter_weights(model, load_file(str(resume / ADAPTER_WEIGHTS)), str(resume))
+            else:
+                model.load_state_dict(load_model(resume).state_dict())
         self.model = _wrap(model, opts, rt)
         self.opt = optimizer or build_optimizer(model, opts.lr, opts.weight_decay, rt.device.type)
         self.warmup = opts.warmup or min(100, max(1, opts.max_steps // 20))
