@@ -195,15 +195,19 @@ class GPT(nn.Module):
         return self.norm(x)
 
     def forward(self, idx, targets=None, cache: KVCache | None = None, z_loss: float = 0.0,
-                ignore_index: int = -100, return_logits: bool = False, doc_ids=None):
+                ignore_index: int = -100, return_logits: bool = False, doc_ids=None, return_hidden: bool = False):
         """idx: (B, T) token ids; targets: (B, T) or None; doc_ids: optional (B, T) ids of packed
         documents (SFT packing): attention never crosses a document boundary. RoPE is relative, so
         a document sees the same relative positions wherever it is packed; no position reset needed.
         Returns (logits (B, T, V) or None, loss scalar or None). With targets the loss goes through
-        the fused linear + cross-entropy path and logits are None unless return_logits=True."""
+        the fused linear + cross-entropy path and logits are None unless return_logits=True.
+        return_hidden=True returns (final-norm hidden states (B, T, d), None) instead: a loss that applies
+        the LM head itself, chunked (distillation: kernels/fused_linear_distill.py)."""
         if doc_ids is not None and cache is not None:
             raise ValueError("doc_ids (packed training batches) cannot be combined with a KV cache")
         h = self.hidden_states(idx, cache, doc_ids)                                # (B, T, d)
+        if return_hidden:
+            return h, None
         if targets is None:
             return self.lm_head(h), None
         impl = self.config.kernels

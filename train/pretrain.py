@@ -43,8 +43,10 @@ def run(opts: TrainOptions) -> dict:
         return summary
 
 
-def build(opts: TrainOptions, rt):
-    """-> (Trainer, run record): defaults resolved into `opts`, data, model (fresh, --init or --resume)."""
+def build(opts: TrainOptions, rt, make_task=None):
+    """-> (Trainer, run record): defaults resolved into `opts`, data, model (fresh, --init or --resume).
+    `make_task(loader, val, eval_batches, model, data_dir) -> task` replaces the language-modelling task
+    (sft/train_distill.py trains on the same shards with its own loss)."""
     from data import TokenLoader, check_tokenizer_match, load_tokenizer
     from model.config import get_preset
     from model.flops import flops_per_token
@@ -89,7 +91,8 @@ def build(opts: TrainOptions, rt):
     log.info(f"model: {opts.preset}, {model.num_params() / 1e6:.2f}M params, vocab {model.config.vocab_size}; "
              f"batch {opts.batch_size}x{opts.seq_len}x{opts.grad_accum}x{rt.world_size}; {opts.max_steps} steps; "
              f"out {run_dir}")
-    task = LMTask(loader, val, eval_batches, opts.z_loss, flops_per_token(model.config, opts.seq_len))
+    task = (make_task(loader, val, eval_batches, model, Path(sources[0][0])) if make_task else
+            LMTask(loader, val, eval_batches, opts.z_loss, flops_per_token(model.config, opts.seq_len)))
     trainer = Trainer(opts, task, model, rt, run_dir, resume=resume_ckpt, tokenizer_dir=Path(sources[0][0]))
     return trainer, {"data": sources}
 

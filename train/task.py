@@ -35,7 +35,8 @@ class LMTask:
         return int((batch[1] != IGNORE).sum())
 
     def evaluate(self, model) -> dict:
-        """Mean loss per unit over the first `eval_batches` batches of the validation loader."""
+        """Mean next-token loss per unit over the first `eval_batches` batches of the validation loader
+        (a subclass changing the training loss, like distillation, is still measured by this one)."""
         if self.val_loader is None:
             return {}
         self.val_loader.reset()
@@ -43,6 +44,6 @@ class LMTask:
         for _ in range(self.eval_batches):
             b = self.val_loader.next_batch()
             k = self.count(b)
-            total += self.loss(model, b)[0].float().item() * k
+            total += LMTask.loss(self, model, b)[0].float().item() * k   # the LM loss, also for subclasses
             n += k
         return {"val_loss": total / max(n, 1)}
