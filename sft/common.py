@@ -121,9 +121,12 @@ def run(opts: TrainOptions, ft: FinetuneOptions, make_task) -> dict:
 def add_lora(job: Job, ft: FinetuneOptions) -> None:
     """Freeze the --init model and add adapters; checkpoints then hold the adapters and the base's path and
     sha256 (model/lora.py)."""
-    from model.io import file_sha256, weights_file
+    from model.io import file_sha256, load_config, weights_file
     from model.lora import LoRAConfig, apply_lora, parse_targets
     base = job.init_ckpt.resolve()
+    if job.model.config.vocab_size != load_config(base).vocab_size:
+        raise FurnaceError(f"--lora-rank: --init {base} has no chat tokens, so fine-tuning grows its embeddings, which "
+                           f"LoRA keeps frozen; run a full SFT first (without --lora-rank), then LoRA on top of it")
     cfg = LoRAConfig(ft.lora_rank, ft.lora_alpha, ft.lora_dropout, parse_targets(ft.lora_targets), str(base),
                      file_sha256(weights_file(base)))
     apply_lora(job.model, cfg)
