@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
 from pathlib import Path
 
 import torch
@@ -23,6 +22,7 @@ from safetensors.torch import save_file
 from data.chat_template import EOS, IM_END, JINJA_TEMPLATE, STOP_TOKENS
 from model.config import GPTConfig
 from model.errors import FurnaceError
+from model.fileio import atomic_dir
 from model.gpt import GPT
 from model.io import clean_state_dict
 
@@ -136,20 +136,11 @@ def export_hf(model: GPT, out: str | os.PathLike, tokenizer=None, dtype: str = "
                            f"vocab_size={cfg.vocab_size}; pass the tokenizer the model was trained with")
     eos = tokenizer.token_id(EOS) if tokenizer is not None else None
     conf = hf_config(cfg, dtype_name, eos_id=eos)
-    tmp = out.parent / f".{out.name}.tmp{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
+    with atomic_dir(out) as tmp:  # `out` is absent or empty (checked above)
         (tmp / "config.json").write_text(json.dumps(conf, indent=2) + "\n")
         save_file(hf_state_dict(model, torch_dtype), str(tmp / "model.safetensors"), metadata={"format": "pt"})
         if tokenizer is not None:
             tokenizer.save(tmp)
             for name, obj in tokenizer_files(tokenizer, cfg).items():
                 (tmp / name).write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
-        if out.exists():
-            out.rmdir()  # empty (checked above)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out

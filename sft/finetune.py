@@ -16,6 +16,7 @@ from pathlib import Path
 from data.chat_template import JINJA_TEMPLATE, STOP_TOKENS, ensure_chat_tokens
 from data.tokenizer import TOKENIZER_FILE, load_tokenizer
 from model.errors import FurnaceError
+from model.fileio import atomic_write_json
 from model.flops import flops_per_token
 from model.io import load_config, resolve_checkpoint
 from sft.defaults import DEFAULT_DPO_DIR, DEFAULT_SFT_DIR, build_default_datasets
@@ -64,9 +65,7 @@ def _save_tokenizer(tok, run_dir: Path) -> Path:
     tok.save(d)
     meta = {"format": "chatml", "source": "data/chat_template.py", "stop_tokens": list(STOP_TOKENS),
             "trained": "assistant replies (with <think> blocks) and their <|im_end|>", "jinja": JINJA_TEMPLATE}
-    tmp = d / f".{CHAT_TEMPLATE_FILE}.tmp"
-    tmp.write_text(json.dumps(meta, indent=2) + "\n")
-    tmp.replace(d / CHAT_TEMPLATE_FILE)
+    atomic_write_json(d / CHAT_TEMPLATE_FILE, meta)
     return d
 
 

@@ -24,7 +24,7 @@ import torch.distributed as dist
 from model.errors import FurnaceError
 from model.flops import mfu as compute_mfu
 from model.io import unwrap
-from train.checkpoint import rng_state, save_checkpoint, set_rng_state
+from train.checkpoint import last_good_checkpoint, rng_state, save_checkpoint, set_rng_state, unsafe_to_save
 from train.metrics import MetricsLog, StepTimer, format_step
 from train.optim import lr_at, set_lr
 from train.precision import Precision
@@ -125,6 +125,10 @@ class Trainer:
 
     def save(self, loader_state: dict) -> Path | None:
         if self.rank != 0:
+            return None
+        why = unsafe_to_save(self.model, self.state.bad_in_row)
+        if why:  # the newest checkpoint stays the last good one
+            log.warning(f"step {self.state.step}: no checkpoint written ({why}); kept: {last_good_checkpoint(self.run_dir)}")
             return None
         path = save_checkpoint(self.run_dir, self.state.step, self.model, self.trainer_state(loader_state),
                                self.tokenizer_dir, self.cfg.keep_last, self.ema)
@@ -281,7 +285,7 @@ class Trainer:
             raise FurnaceError(
                 f"{st.bad_in_row} non-finite steps in a row at step {st.step}: training diverged. Lower --lr, "
                 f"raise --warmup, set --grad-clip, try --z-loss 1e-4 or train without --fp8; the last good "
-                f"checkpoint is kept: continue from it with --resume")
+                f"checkpoint is kept: {last_good_checkpoint(self.run_dir)}")
 
     def _tokens_per_step(self) -> float:
         return self.state.tokens / max(self.state.step, 1)

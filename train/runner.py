@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 
 from model.gpt import GPT
 from model.io import load as load_model
-from train.checkpoint import load_trainer_state, truncate_metrics
+from train.checkpoint import load_trainer_state, lock_run_dir, truncate_metrics, unlock_run_dir
 from train.loop import Trainer, count_targets, lm_loss
 from train.metrics import MetricsLog, init_wandb, plot_losses
 from train.optim import build_optimizer
@@ -42,7 +42,7 @@ def run_loop(opts: TrainOptions, rt: Runtime, model: GPT, run_dir: Path, resume_
     wandb_run = None
     state = load_trainer_state(resume_ckpt) if resume_ckpt is not None else None
     if rt.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
+        lock_run_dir(run_dir)  # creates it; a second process on the same --out stops here
         if state is not None:
             truncate_metrics(run_dir / "metrics.jsonl", state["step"])
         else:
@@ -65,6 +65,7 @@ def run_loop(opts: TrainOptions, rt: Runtime, model: GPT, run_dir: Path, resume_
         summary = trainer.fit()
     finally:
         metrics.close()
+        unlock_run_dir(run_dir)
         if wandb_run is not None:
             wandb_run.finish()
     if rt.is_main:

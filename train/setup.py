@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import os
 import subprocess
@@ -15,6 +14,7 @@ import torch.distributed as dist
 
 from model.config import GPTConfig
 from model.errors import FurnaceError
+from model.fileio import atomic_write_json
 from model.flops import device_peak_name, flops_per_token, peak_tflops
 from model.gpt import GPT
 from model.io import load as load_model, resolve_checkpoint
@@ -193,6 +193,4 @@ def write_run_config(run_dir: Path, opts: TrainOptions, model: GPT, rt: Runtime,
            "precision": {"name": rt.precision.name, "reason": rt.precision.reason,
                          "fp8_layers": len(rt.precision.converted)},
            "versions": versions(), "git_commit": git_commit(), **extra}
-    tmp = run_dir / "config.json.tmp"
-    tmp.write_text(json.dumps(rec, indent=2, default=str) + "\n")
-    tmp.replace(run_dir / "config.json")
+    atomic_write_json(run_dir / "config.json", rec, default=str)
