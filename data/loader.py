@@ -274,6 +274,7 @@ class TokenLoader:
     def _produce(self, out: np.ndarray) -> None:
         """Fill `out` (B, T + 1) with the next windows and advance the state by one batch."""
         n = self.T + 1
+        where = []  # (source, shard, first token) per row, for the ids check's message
         for row, si in enumerate(self._rows_sources()):
             s = self.sources[si]
             s.open()
@@ -283,13 +284,16 @@ class TokenLoader:
             if len(raw) != nbytes:
                 raise FurnaceError(f"shard {s.paths[shard]}: short read at token {start} (file changed or truncated "
                                    f"while training?)")
-            out[row] = tokens = np.frombuffer(raw, dtype=s.dtype)
-            vocab = s.manifest.get("vocab_size")
-            if vocab and int(tokens.max()) >= vocab:  # [ids check], every batch: one max per row
-                at = start + int(np.argmax(tokens >= vocab))
-                raise FurnaceError(f"shard {s.paths[shard]} [ids check]: token id {int(tokens[at - start])} at token "
-                                   f"offset {at} (byte {HEADER_BYTES + at * s.itemsize}) is outside the tokenizer's "
-                                   f"vocabulary of {vocab}; the shard is damaged or from another tokenizer")
+            out[row] = np.frombuffer(raw, dtype=s.dtype)
+            where.append((s, shard, start))
+        vocab = self.sources[0].manifest.get("vocab_size")  # one tokenizer for all sources (checked at open)
+        if vocab and int(out.max()) >= vocab:  # [ids check], every batch: one max over it
+            row = int(np.argmax((out >= vocab).any(axis=1)))
+            s, shard, start = where[row]
+            at = start + int(np.argmax(out[row] >= vocab))
+            raise FurnaceError(f"shard {s.paths[shard]} [ids check]: token id {int(out[row, at - start])} at token "
+                               f"offset {at} (byte {HEADER_BYTES + at * s.itemsize}) is outside the tokenizer's "
+                               f"vocabulary of {vocab}; the shard is damaged or from another tokenizer")
         self.step += 1
 
     def _new_buffer(self) -> torch.Tensor:

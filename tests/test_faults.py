@@ -483,3 +483,15 @@ def test_run_killed_before_its_first_checkpoint_can_be_started_over(data_dir, tm
         train(data_dir, "--out", run, "--max-steps", 3)
     train(data_dir, "--out", run, "--max-steps", 3, "--resume")
     assert list(losses(run)) == [1, 2, 3] and step_dir(run, 3).is_dir()
+
+
+def test_incomplete_step_folders_are_never_deleted_by_a_restart(tmp_path):
+    from train.checkpoint import check_out_dir
+    run = tmp_path / "run"
+    (run / "checkpoints" / "step_00000002").mkdir(parents=True)
+    (run / "checkpoints" / "step_00000002" / "config.json").write_text("{}")   # its weights were lost
+    (run / "config.json").write_text(json.dumps({"train": {}}))
+    for resume in (False, True):
+        with pytest.raises(FurnaceError, match="holds step_00000002 but no complete checkpoint"):
+            check_out_dir(run, {}, resume, ())
+    assert (run / "checkpoints" / "step_00000002" / "config.json").is_file()

@@ -239,6 +239,11 @@ def _check_out_dir(run_dir: Path, opts_dict: dict, resume: bool, run_defining: t
     cfg_file = run_config_path(run_dir)
     has_run = cfg_file.is_file() or (run_dir / "checkpoints").is_dir()
     ckpt = latest_checkpoint(run_dir)
+    ck_dir = run_dir / "checkpoints"
+    kept = sorted(p.name for p in ck_dir.iterdir() if not p.name.startswith(".tmp-")) if ck_dir.is_dir() else []
+    if ckpt is None and kept:  # step folders, none complete: never deleted, a person must look
+        raise FurnaceError(f"--out {run_dir}: {ck_dir} holds {', '.join(kept[:3])} but no complete checkpoint "
+                           f"(config.json + model.safetensors); move them away or choose another --out")
     if has_run and ckpt is None:  # killed before its first checkpoint: nothing to keep
         if not resume:
             raise FurnaceError(f"--out {run_dir} holds a run that stopped before its first checkpoint, so there is "
@@ -247,7 +252,7 @@ def _check_out_dir(run_dir: Path, opts_dict: dict, resume: bool, run_defining: t
                  f"starting it over from step 0")
         for f in (cfg_file, run_dir / "metrics.jsonl"):
             f.unlink(missing_ok=True)
-        shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)  # only unfinished .tmp-* folders
+        shutil.rmtree(ck_dir, ignore_errors=True)  # only unfinished .tmp-* folders (checked above)
         return None
     if not resume:
         if has_run:
