@@ -250,9 +250,10 @@ def _check_out_dir(run_dir: Path, opts_dict: dict, resume: bool, run_defining: t
                                f"nothing to continue: pass --resume to start it over in this folder, or delete it")
         log.info(f"--resume: {run_dir} holds no checkpoint yet (the run stopped before its first one): "
                  f"starting it over from step 0")
-        for f in (cfg_file, run_dir / "metrics.jsonl"):
-            f.unlink(missing_ok=True)
-        shutil.rmtree(ck_dir, ignore_errors=True)  # only unfinished .tmp-* folders (checked above)
+        if os.environ.get("RANK", "0") == "0":  # under DDP, rank 0 alone writes the folder
+            for f in (cfg_file, run_dir / "metrics.jsonl"):
+                f.unlink(missing_ok=True)
+            shutil.rmtree(ck_dir, ignore_errors=True)  # only unfinished .tmp-* folders (checked above)
         return None
     if not resume:
         if has_run:
