@@ -1,11 +1,11 @@
 """The one way Furnace writes a file or a folder that must never be seen half-written, and file checksums.
 
-`atomic_open(path)` / `atomic_write(path, data)` / `atomic_path(path)` (for libraries that write by file
-name): the bytes go to a hidden temporary file in the same folder,
-are flushed and fsynced, then `os.replace`d over `path`; on any error (Ctrl-C included) the temporary file is
-removed and `path` is left as it was. `atomic_dir(path)` does the same for a whole folder (a checkpoint, an
-export). A full disk (ENOSPC, or EDQUOT over a quota) becomes one `FurnaceError` line saying the disk is full
-and where; `disk_full_guard(where)` gives the same message for writes that are not atomic (appended logs).
+`atomic_write(path, data)`, `atomic_open(path)` and `atomic_path(path)` (for libraries that write by file
+name): the bytes go to a hidden temporary file in the same folder, are flushed and fsynced, then
+`os.replace`d over `path`; on any error (Ctrl-C included) the temporary file is removed and `path` is left as
+it was. `atomic_dir(path)` does the same for a whole folder (a checkpoint, an export). A full disk (ENOSPC,
+or EDQUOT over a quota) becomes one `FurnaceError` line saying the disk is full and where;
+`disk_full_guard(where)` gives the same message for writes that are not atomic (appended logs).
 """
 from __future__ import annotations
 
