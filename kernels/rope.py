@@ -74,8 +74,10 @@ def rope_config(R: int, H: int, D2: int, target: Target, backward: bool = False,
         BLOCK_R = max(1, min((1 << 15) // (BLOCK_H * BLOCK_D), next_power_of_2(R)))
     else:
         BLOCK_R = max(1, 2048 // (BLOCK_H * BLOCK_D))
+    # 8 warps from 2,048-element half-tiles: with 4, fp32 on sm_90 spilled (bench/kernel_compile.py)
+    num_warps = 8 if BLOCK_R * BLOCK_H * BLOCK_D >= 2048 else 4
     return Launch((cdiv(R, BLOCK_R),), dict(BACKWARD=backward, CS_GRAD=cs_grad, BLOCK_R=BLOCK_R,
-                                            BLOCK_H=BLOCK_H, BLOCK_D=BLOCK_D), num_warps=4)
+                                            BLOCK_H=BLOCK_H, BLOCK_D=BLOCK_D), num_warps=num_warps)
 
 
 # ----------------------------------------------------------------------------- launchers
