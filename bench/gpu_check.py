@@ -49,8 +49,8 @@ def _sh(cmd: list, budget: float, log: Path, env: dict | None = None) -> dict:
             p = subprocess.run(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                timeout=budget, env={**os.environ, **(env or {})})
             rc, out = p.returncode, p.stdout
-        except subprocess.TimeoutExpired as e:
-            rc, out = None, (e.stdout or b"").decode(errors="replace") if isinstance(e.stdout, bytes) else (e.stdout or "")
+        except subprocess.TimeoutExpired as e:          # its output so far (bytes, even with text=True)
+            rc, out = None, e.stdout.decode(errors="replace") if isinstance(e.stdout, bytes) else (e.stdout or "")
         f.write(out)
     return dict(rc=rc, elapsed_s=round(time.time() - t0, 1), out=out, log=log.name)
 

@@ -310,7 +310,7 @@ def main(argv=None):
         raise FurnaceError(f"--config: unknown kernel {config[0]!r}; expected one of {', '.join(n for _, n in all_kernels)}")
 
     t0 = time.time()
-    jobs, meta = {}, {}                  # job -> compile result; job -> [(target, case)]
+    meta = {}                            # config key -> (compile job, target name, case, description)
     covered, taken = set(), set()
     for tname in targets:
         target = GPUS[tname]

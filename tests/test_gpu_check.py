@@ -50,3 +50,12 @@ def test_wheels_lists_offline_install():
     r = _gpu_check("--wheels", timeout=120)
     assert r.returncode == 0
     assert "pip download" in r.stdout and "torchao" in r.stdout and "--no-index --find-links" in r.stdout
+
+
+def test_a_stage_past_its_budget_is_stopped_and_reported(tmp_path):
+    sys.path.insert(0, str(ROOT))
+    from bench.gpu_check import _sh, _status  # noqa: PLC0415
+
+    r = _sh([sys.executable, "-c", "import time; print('started', flush=True); time.sleep(60)"], 3, tmp_path / "s.log")
+    assert r["rc"] is None and r["elapsed_s"] < 30 and "started" in (tmp_path / "s.log").read_text()
+    assert _status(r, "sleeper")["status"] == "timeout"
