@@ -22,7 +22,7 @@ import re  # noqa: E402
 import subprocess  # noqa: E402
 import time  # noqa: E402
 
-from model.errors import FurnaceError, run_cli  # noqa: E402
+from kernels.common import FurnaceError, run_cli  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable

@@ -24,7 +24,7 @@ import time  # noqa: E402
 from concurrent.futures import ProcessPoolExecutor  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
 
-from model.errors import FurnaceError, run_cli  # noqa: E402
+from kernels.common import FurnaceError, run_cli  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "kernels" / "README.md"
