@@ -121,10 +121,11 @@ class Engine:
                         self._step()
                 except Exception as e:  # a bug: every request in flight gets the error, the server stays up
                     log.exception("engine step failed")
-                    for s in self.active:
-                        s.req.emit(("error", f"{type(e).__name__}: {e}"))
                     with self._cv:
+                        failed = {id(r): r for r in admit} | {id(s.req): s.req for s in self.active}
                         self.active.clear()
+                    for r in failed.values():
+                        r.emit(("error", f"{type(e).__name__}: {e}"))
         for s in self.active:
             s.req.emit(("error", "server shutting down"))
 

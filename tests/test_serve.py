@@ -258,3 +258,26 @@ def test_429_when_the_queue_is_full_and_disconnects_free_their_slot(tiny):
             assert time.monotonic() < deadline, engine.stats()
             time.sleep(0.02)
         assert engine.tokens < 1000          # the abandoned stream stopped long before its 4000 tokens
+
+
+def test_a_failing_step_reaches_clients_as_500_without_traceback(tiny):
+    """A bug inside the decode step (here: the model raises) answers the requests in flight with a generic
+    error, never the exception text or a traceback, and the server keeps serving."""
+    model, tok = tiny
+    engine = Engine(model, max_slots=2, max_queue=4)
+    real = model.hidden_states
+    with live(create_app(lambda: Served(engine, tok, MODEL))) as url:
+        model.hidden_states = lambda *a, **kw: (_ for _ in ()).throw(RuntimeError("secret internals"))
+        try:
+            body = {"model": MODEL, "prompt": "the cat", "max_tokens": 5}
+            r = httpx.post(url + "/v1/completions", json=body, timeout=30)
+            check_error(r, 500)
+            assert "secret" not in r.text
+            with httpx.stream("POST", url + "/v1/completions", json={**body, "stream": True}, timeout=30) as s:
+                events = [line for line in s.iter_lines() if line]
+            assert "error" in json.loads(events[0][6:]) and events[-1] == "data: [DONE]"
+            assert "secret" not in "".join(events)
+        finally:
+            del model.hidden_states
+        assert model.hidden_states == real
+        assert httpx.post(url + "/v1/completions", json=body, timeout=30).json()["usage"]["completion_tokens"] == 5
