@@ -247,7 +247,11 @@ def main(argv=None):
         asyncio.run(run_level(url, prompts[:2], 2, 4))                          # warm-up (allocator, threads)
         rows = []
         for c in levels:
+            h0 = httpx.get(url + "/health", timeout=5).json()
             row = asyncio.run(run_level(url, prompts, c, args.new_tokens))
+            h1 = httpx.get(url + "/health", timeout=5).json()
+            steps = h1["decode_steps"] - h0["decode_steps"]
+            row["mean_decode_batch"] = round((h1["decode_rows"] - h0["decode_rows"]) / max(1, steps), 2)
             print(f"concurrency {c:>2}: {row['tokens_per_s']:7.1f} tok/s, TTFT p50 {row['ttft_p50_s']:.2f} s "
                   f"p95 {row['ttft_p95_s']:.2f} s, {row['wall_s']:.1f} s", file=sys.stderr)
             rows.append(row)
@@ -280,7 +284,7 @@ def main(argv=None):
                             text=True).stdout.strip()
     doc = {"bench": "serve", "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
            "commit": commit, "device": "cpu", "cpu": _cpu_name() or platform.machine(),
-           "cores": os.cpu_count(), "torch": torch.__version__, "dtype": args.dtype, "model": model_info,
+           "cores": os.cpu_count(), "server_threads": args.threads or "physical cores", "torch": torch.__version__, "dtype": args.dtype, "model": model_info,
            "prompt_chars": args.prompt_chars, "new_tokens": args.new_tokens, "requests_per_level": args.requests,
            "load_avg_before": [round(x, 2) for x in load_before], "load_avg_after": [round(x, 2) for x in load_after],
            "greedy_answers_equal_across_levels": same, "levels": rows, "load_run": load}

@@ -238,7 +238,8 @@ def create_app(load: Callable[[], Served], api_key: str | None = None,
         if s is None:
             return JSONResponse({"status": "error" if state["error"] else "loading", "error": state["error"]},
                                 status_code=503)
-        return {"status": "ok", "model": s.model_id, **s.engine.stats()}
+        e = s.engine
+        return {"status": "ok", "model": s.model_id, **e.stats(), "decode_steps": e.steps, "decode_rows": e.stepped_rows}
 
     @app.get("/")
     async def page():
