@@ -147,6 +147,19 @@ def test_concurrent_greedy_requests_equal_solo_ones(tiny, server, client):
     assert (engine.stepped_rows - rows0) / (engine.steps - steps0) > 1.5    # the requests did share steps
 
 
+def test_content_parts_developer_role_and_reasoning_field(tiny, server):
+    """OpenAI's text content parts are joined, 'developer' is the system role, include_reasoning adds the
+    reasoning_content field (empty here: this model never opens a <think> block; tests/test_serve_engine.py
+    checks the split itself)."""
+    msgs = [{"role": "system", "content": "be brief"}, *user("the cat sat")]
+    want, _, _ = chat_reference(tiny, msgs, 10)
+    parts = [{"role": "developer", "content": [{"type": "text", "text": "be "}, {"type": "text", "text": "brief"}]},
+             {"role": "user", "content": [{"type": "text", "text": "the cat sat"}]}]
+    body = {"model": MODEL, "messages": parts, "temperature": 0, "max_tokens": 10, "include_reasoning": True}
+    msg = httpx.post(server[0] + "/v1/chat/completions", json=body, timeout=60).json()["choices"][0]["message"]
+    assert msg == {"role": "assistant", "content": want, "reasoning_content": ""}
+
+
 # ---- errors ----------------------------------------------------------------------------------------
 def check_error(r, status, code=None):
     assert r.status_code == status, r.text
