@@ -17,10 +17,48 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import argparse  # noqa: E402
+import contextlib  # noqa: E402
 
 from model.errors import FurnaceError, run_cli  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+@contextlib.contextmanager
+def serve_process(ckpt, extra_args, log_path: Path, timeout: float = 300):
+    """Run `infer/serve.py --ckpt CKPT` on 127.0.0.1 and a free port until GET /health answers 200; yields the
+    base URL; the process always stops (tests/test_serve_web.py uses this too)."""
+    import socket
+    import subprocess
+    import time
+
+    import httpx
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    url = f"http://127.0.0.1:{port}"
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen([sys.executable, str(ROOT / "infer" / "serve.py"), "--ckpt", str(ckpt), "--port",
+                                 str(port), *extra_args], stdout=log, stderr=subprocess.STDOUT, cwd="/")
+        try:
+            deadline = time.monotonic() + timeout
+            while True:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise FurnaceError(f"infer/serve.py did not start: {Path(log_path).read_text()[-500:]}")
+                try:
+                    if httpx.get(url + "/health", timeout=5).status_code == 200:
+                        break
+                except httpx.TransportError:
+                    pass
+                time.sleep(0.1)
+            yield url
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
 
 
 def build_checkpoint(out: Path, preset: str):
@@ -205,7 +243,6 @@ def main(argv=None):
     import json
     import os
     import platform
-    import socket
     import subprocess
     import tempfile
     import time
@@ -221,28 +258,11 @@ def main(argv=None):
     t0 = time.perf_counter()
     model_info, texts = build_checkpoint(ckpt, args.preset)
     print(f"model {model_info} built in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    url = f"http://127.0.0.1:{port}"
-    cmd = [sys.executable, str(ROOT / "infer" / "serve.py"), "--ckpt", str(ckpt), "--port", str(port), "--dtype",
-           args.dtype, "--max-slots", str(max(levels + [args.load_concurrency])), "--max-queue", "1024"]
+    extra = ["--dtype", args.dtype, "--max-slots", str(max(levels + [args.load_concurrency])), "--max-queue", "1024"]
     if args.threads:
-        cmd += ["--threads", str(args.threads)]
-    log = open(tmp / "serve.log", "w")
-    server = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+        extra += ["--threads", str(args.threads)]
     load_before = os.getloadavg()
-    try:
-        deadline = time.monotonic() + 300
-        while True:
-            if server.poll() is not None or time.monotonic() > deadline:
-                raise FurnaceError(f"serve_bench: the server did not start: {(tmp / 'serve.log').read_text()[-500:]}")
-            try:
-                if httpx.get(url + "/health", timeout=5).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.2)
+    with serve_process(ckpt, extra, tmp / "serve.log") as url:
         prompts = prompts_from(texts, args.requests, args.prompt_chars, seed=1)
         asyncio.run(run_level(url, prompts[:2], 2, 4))                          # warm-up (allocator, threads)
         rows = []
@@ -269,13 +289,6 @@ def main(argv=None):
                     load["ok"], load["problems"] = False, load["problems"] + [f"server still busy after the run: {h}"]
                     break
                 time.sleep(0.1)
-    finally:
-        server.terminate()
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            server.kill()
-        log.close()
     load_after = os.getloadavg()
     base = rows[0]["tokens_per_s"] if rows[0]["concurrency"] == 1 else None
     for r in rows:

@@ -1,9 +1,6 @@
 """The web chat page in a real headless browser: Debian's chromium driven by Playwright's Python API (no browser
 download), against `python infer/serve.py` started as a process on 127.0.0.1."""
 import json
-import socket
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -11,13 +8,13 @@ import httpx
 import pytest
 import torch
 
+from bench.serve_bench import serve_process
 from data.chat_template import encode_chat, stop_ids
 from infer import generate
 from model import GPT, GPTConfig, save
 from serve_util import tiny_chat_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM = "/usr/bin/chromium"   # Debian's package (.ci/run installs it)
 # This machine has no network: without these flags chromium stalls on connection attempts.
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
@@ -36,32 +33,8 @@ def served(tmp_path_factory):
     d = tmp_path_factory.mktemp("web") / "tiny-web"
     save(model, d)
     tok.save(d)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    log = open(d.parent / "serve.log", "w")
-    p = subprocess.Popen([sys.executable, str(ROOT / "infer" / "serve.py"), "--ckpt", str(d), "--port", str(port),
-                          "--threads", "1"], stdout=log, stderr=subprocess.STDOUT, cwd="/")
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert p.poll() is None and time.monotonic() < deadline, (d.parent / "serve.log").read_text()
-            try:
-                if httpx.get(url + "/health", timeout=5).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.1)
+    with serve_process(d, ["--threads", "1"], d.parent / "serve.log", timeout=120) as url:
         yield url, model, tok
-    finally:
-        p.terminate()
-        try:
-            p.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait()
-        log.close()
 
 
 @pytest.fixture(scope="module")
