@@ -205,6 +205,10 @@ def llama_cpp_chat(llm, msgs) -> str:
 def test_refusals(tok, tmp_path):
     with pytest.raises(FurnaceError, match="qk_norm"):
         write_gguf(GPT(small_cfg(qk_norm=True)), tok, tmp_path / "a.gguf")
+    unknown = GPT(small_cfg())
+    unknown.config.rope_scaling = "longrope"          # a scaling model/rope.py might gain: never exported unmapped
+    with pytest.raises(FurnaceError, match="RoPE scaling 'longrope'"):
+        write_gguf(unknown, tok, tmp_path / "r.gguf")
     from tokenizers import normalizers, pre_tokenizers
     odd = train_bpe(["hello world"] * 5, vocab_size=280)
     odd.hf.pre_tokenizer = pre_tokenizers.Whitespace()
@@ -214,6 +218,8 @@ def test_refusals(tok, tmp_path):
     odd.hf.normalizer = normalizers.NFKC()
     with pytest.raises(FurnaceError, match="normalizer"):
         write_gguf(GPT(small_cfg()), odd, tmp_path / "c.gguf")
+    with pytest.raises(FurnaceError, match="no merges"):
+        write_gguf(GPT(small_cfg()), train_bpe(["ab"], vocab_size=261), tmp_path / "n.gguf")
     with pytest.raises(FurnaceError, match="vocab_size=200"):
         write_gguf(GPT(small_cfg(vocab_size=200)), tok, tmp_path / "d.gguf")
     (tmp_path / "e.gguf").write_text("keep")
