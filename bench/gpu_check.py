@@ -192,8 +192,7 @@ DRY_BUDGET = 240    # per stage in --dry-run: generous, for a busy CI machine (a
 def environment(dry: bool) -> dict:
     import torch  # noqa: PLC0415
 
-    from train.metrics import versions  # noqa: PLC0415
-    from train.setup import git_commit  # noqa: PLC0415
+    from train.metrics import git_commit, versions  # noqa: PLC0415
 
     env = dict(date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"), dry_run=dry,
                versions=versions(), cuda=torch.version.cuda, git_commit=git_commit(), driver=None, device="cpu")
