@@ -18,6 +18,7 @@ from kernels.common import FurnaceError, run_cli  # noqa: E402
 def main(argv=None):
     from data.tokenizer import load_tokenizer
     from infer.gguf_file import TYPES, modelfile_text, write_gguf
+    from model.fileio import atomic_write
     from model.io import load, resolve_checkpoint
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -38,9 +39,7 @@ def main(argv=None):
     tok = load_tokenizer(args.tokenizer or resolve_checkpoint(args.ckpt))
     model = load(args.ckpt)
     write_gguf(model, tok, out, args.type, name=resolve_checkpoint(args.ckpt).name)
-    tmp = modelfile.with_name(f".{modelfile.name}.tmp")
-    tmp.write_text(modelfile_text(out.name, tok, model.config.max_seq_len))
-    tmp.replace(modelfile)
+    atomic_write(modelfile, modelfile_text(out.name, tok, model.config.max_seq_len))
     logging.getLogger("furnace").info(f"exported {args.ckpt} -> {out} ({args.type}) and {modelfile}")
     return 0
 

@@ -35,6 +35,7 @@ from data.chat_template import EOS, IM_END, IM_START, JINJA_TEMPLATE
 from data.tokenizer import _bytes_to_unicode
 from infer.export_hf import hf_rope
 from kernels.common import FurnaceError
+from model.fileio import atomic_path
 from model.io import clean_state_dict
 
 log = logging.getLogger("furnace")
@@ -171,69 +172,65 @@ def write_gguf(model, tokenizer, out: str | os.PathLike, qtype: str = "f32", nam
     ftype = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
              "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[qtype]
 
-    tmp = out.parent / f".{out.name}.tmp{os.getpid()}"
-    w = gguf.GGUFWriter(str(tmp), "llama")
-    try:
-        w.add_name(name)
-        w.add_file_type(int(ftype))
-        w.add_quantization_version(gguf.GGML_QUANT_VERSION)
-        w.add_context_length(cfg.max_seq_len)
-        w.add_embedding_length(cfg.n_embd)
-        w.add_block_count(cfg.n_layer)
-        w.add_feed_forward_length(cfg.ffn_hidden)
-        w.add_head_count(cfg.n_head)
-        w.add_head_count_kv(cfg.n_kv_head)
-        w.add_rope_dimension_count(cfg.head_dim)
-        w.add_rope_freq_base(theta)                          # ntk: folded into the base (exact)
-        w.add_layer_norm_rms_eps(cfg.norm_eps)
-        w.add_vocab_size(cfg.vocab_size)
-        if scaling is not None:
-            w.add_rope_scaling_type(gguf.RopeScalingType(scaling["rope_type"]))
-            w.add_rope_scaling_factor(scaling["factor"])
-            if scaling["rope_type"] == "yarn":
-                w.add_rope_scaling_orig_ctx_len(scaling["original_max_position_embeddings"])
+    with atomic_path(out) as tmp:  # the one atomic write: nothing under `out` until complete; disk full = one line
+        w = gguf.GGUFWriter(str(tmp), "llama")
+        try:
+            w.add_name(name)
+            w.add_file_type(int(ftype))
+            w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+            w.add_context_length(cfg.max_seq_len)
+            w.add_embedding_length(cfg.n_embd)
+            w.add_block_count(cfg.n_layer)
+            w.add_feed_forward_length(cfg.ffn_hidden)
+            w.add_head_count(cfg.n_head)
+            w.add_head_count_kv(cfg.n_kv_head)
+            w.add_rope_dimension_count(cfg.head_dim)
+            w.add_rope_freq_base(theta)                          # ntk: folded into the base (exact)
+            w.add_layer_norm_rms_eps(cfg.norm_eps)
+            w.add_vocab_size(cfg.vocab_size)
+            if scaling is not None:
+                w.add_rope_scaling_type(gguf.RopeScalingType(scaling["rope_type"]))
+                w.add_rope_scaling_factor(scaling["factor"])
+                if scaling["rope_type"] == "yarn":
+                    w.add_rope_scaling_orig_ctx_len(scaling["original_max_position_embeddings"])
 
-        w.add_tokenizer_model("gpt2")
-        w.add_tokenizer_pre("gpt-2")
-        w.add_token_list(tokens)
-        w.add_token_types(types)
-        w.add_token_merges(merges)
-        eos = tokenizer.token_id(EOS)
-        if eos is not None:
-            w.add_bos_token_id(eos)
-            w.add_eos_token_id(eos)
-            w.add_pad_token_id(eos)
-        w.add_add_bos_token(False)
-        w.add_add_eos_token(False)
-        im_end = tokenizer.token_id(IM_END)
-        if im_end is not None:
-            w.add_eot_token_id(im_end)
-            if tokenizer.token_id(IM_START) is not None:
-                w.add_chat_template(JINJA_TEMPLATE)
+            w.add_tokenizer_model("gpt2")
+            w.add_tokenizer_pre("gpt-2")
+            w.add_token_list(tokens)
+            w.add_token_types(types)
+            w.add_token_merges(merges)
+            eos = tokenizer.token_id(EOS)
+            if eos is not None:
+                w.add_bos_token_id(eos)
+                w.add_eos_token_id(eos)
+                w.add_pad_token_id(eos)
+            w.add_add_bos_token(False)
+            w.add_add_eos_token(False)
+            im_end = tokenizer.token_id(IM_END)
+            if im_end is not None:
+                w.add_eot_token_id(im_end)
+                if tokenizer.token_id(IM_START) is not None:
+                    w.add_chat_template(JINJA_TEMPLATE)
 
-        fell_back = []
-        for key, t in gguf_tensors(model):
-            a = t.numpy()
-            if a.ndim == 1 or qtype == "f32":
-                w.add_tensor(key, a)
-            elif qtype == "q8_0" and a.shape[-1] % 32 == 0:
-                w.add_tensor(key, gguf.quants.quantize(a, Q.Q8_0), raw_dtype=Q.Q8_0)
-            else:
-                if qtype == "q8_0":
-                    fell_back.append(key)
-                w.add_tensor(key, a.astype(np.float16))
-        if fell_back:
-            log.info(f"GGUF export: {len(fell_back)} matrices ({fell_back[0]}...) have rows that are not a multiple "
-                     f"of 32, which q8_0 needs: written f16")
-        w.write_header_to_file()
-        w.write_kv_data_to_file()
-        w.write_tensors_to_file()
-        w.close()
-        os.replace(tmp, out)
-    except BaseException:
-        w.close()
-        tmp.unlink(missing_ok=True)
-        raise
+            fell_back = []
+            for key, t in gguf_tensors(model):
+                a = t.numpy()
+                if a.ndim == 1 or qtype == "f32":
+                    w.add_tensor(key, a)
+                elif qtype == "q8_0" and a.shape[-1] % 32 == 0:
+                    w.add_tensor(key, gguf.quants.quantize(a, Q.Q8_0), raw_dtype=Q.Q8_0)
+                else:
+                    if qtype == "q8_0":
+                        fell_back.append(key)
+                    w.add_tensor(key, a.astype(np.float16))
+            if fell_back:
+                log.info(f"GGUF export: {len(fell_back)} matrices ({fell_back[0]}...) have rows that are not a multiple "
+                         f"of 32, which q8_0 needs: written f16")
+            w.write_header_to_file()
+            w.write_kv_data_to_file()
+            w.write_tensors_to_file()
+        finally:
+            w.close()
     return out
 
 
