@@ -27,7 +27,6 @@ import json  # noqa: E402
 import logging  # noqa: E402
 import math  # noqa: E402
 import os  # noqa: E402
-import shutil  # noqa: E402
 from typing import TYPE_CHECKING  # noqa: E402
 
 from kernels.common import FurnaceError, run_cli  # noqa: E402
@@ -144,6 +143,7 @@ def export_hf(model: GPT, out: str | os.PathLike, tokenizer=None, dtype: str = "
     from safetensors.torch import save_file
 
     from data.chat_template import EOS
+    from model.fileio import atomic_dir
     if dtype not in DTYPES:
         raise FurnaceError(f"--dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
     dtype_name = DTYPES[dtype]
@@ -158,22 +158,13 @@ def export_hf(model: GPT, out: str | os.PathLike, tokenizer=None, dtype: str = "
                            f"vocab_size={cfg.vocab_size}; pass the tokenizer the model was trained with")
     eos = tokenizer.token_id(EOS) if tokenizer is not None else None
     conf = hf_config(cfg, dtype_name, eos_id=eos)
-    tmp = out.parent / f".{out.name}.tmp{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
+    with atomic_dir(out) as tmp:  # `out` is absent or empty (checked above)
         (tmp / "config.json").write_text(json.dumps(conf, indent=2) + "\n")
         save_file(hf_state_dict(model, torch_dtype), str(tmp / "model.safetensors"), metadata={"format": "pt"})
         if tokenizer is not None:
             tokenizer.save(tmp)
             for name, obj in tokenizer_files(tokenizer, cfg).items():
                 (tmp / name).write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
-        if out.exists():
-            out.rmdir()  # empty (checked above)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 
@@ -184,6 +175,7 @@ def export_peft_adapter(model: GPT, out: str | os.PathLike, base_dir: str | os.P
     import torch
     from safetensors.torch import save_file
 
+    from model.fileio import atomic_dir
     from model.lora import TARGETS, adapter_state_dict
     cfg = model.lora
     out = Path(out)
@@ -198,16 +190,9 @@ def export_peft_adapter(model: GPT, out: str | os.PathLike, base_dir: str | os.P
             "target_modules": [TARGETS[t].split(".")[1] for t in cfg.targets], "bias": "none",
             "fan_in_fan_out": False, "use_rslora": False, "use_dora": False, "init_lora_weights": True,
             "modules_to_save": None, "inference_mode": True}
-    tmp = out.parent / f".{out.name}.tmp{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
+    with atomic_dir(out) as tmp:
         (tmp / "adapter_config.json").write_text(json.dumps(conf, indent=2) + "\n")
         save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 

@@ -208,12 +208,14 @@ def save_adapter(model: nn.Module, directory: Path) -> Path:
     """config.json (the model's shape), adapter_config.json (LoRA settings + base reference),
     adapter.safetensors (A and B only)."""
     from safetensors.torch import save_file
+
+    from model.fileio import atomic_path, atomic_write
     d = Path(directory)
-    d.mkdir(parents=True, exist_ok=True)
-    (d / "config.json").write_text(json.dumps(model.config.to_dict(), indent=2) + "\n")
-    (d / ADAPTER_CONFIG).write_text(json.dumps({"format": "furnace-lora", **model.lora.to_dict()}, indent=2) + "\n")
-    save_file({k: v.cpu() for k, v in adapter_state_dict(model).items()}, str(d / ADAPTER_WEIGHTS),
-              metadata={"format": "pt", "furnace": "lora"})
+    atomic_write(d / "config.json", json.dumps(model.config.to_dict(), indent=2) + "\n")
+    atomic_write(d / ADAPTER_CONFIG, json.dumps({"format": "furnace-lora", **model.lora.to_dict()}, indent=2) + "\n")
+    with atomic_path(d / ADAPTER_WEIGHTS) as tmp:
+        save_file({k: v.cpu() for k, v in adapter_state_dict(model).items()}, str(tmp),
+                  metadata={"format": "pt", "furnace": "lora"})
     return d
 
 
@@ -229,12 +231,13 @@ def read_adapter_config(ckpt: Path) -> LoRAConfig:
 
 def check_base(cfg: LoRAConfig, ckpt: Path) -> Path:
     """The base checkpoint named by an adapter checkpoint, after checking it is there and unchanged."""
-    from model.io import file_sha256, weights_file
+    from model.fileio import sha256_file
+    from model.io import weights_file
     base = Path(cfg.base)
     if not base.is_dir() or not weights_file(base).is_file():
         raise FurnaceError(f"adapter {ckpt}: its base checkpoint {base} is gone (moved or deleted); put it back, "
                            f"or merge the adapter where the base exists (python sft/merge_lora.py)")
-    got = file_sha256(weights_file(base))
+    got = sha256_file(weights_file(base))
     if got != cfg.base_sha256:
         raise FurnaceError(f"adapter {ckpt}: base checkpoint {base} has changed (sha256 {got[:12]}..., the adapter "
                            f"was trained on {cfg.base_sha256[:12]}...); the adapter only fits the original weights")
@@ -245,15 +248,21 @@ def load_adapted(ckpt: Path, device="cpu") -> nn.Module:
     """The base model (checked) with this checkpoint's adapters applied, unmerged, in eval mode."""
     from safetensors.torch import load_file
 
+    from model.fileio import verify_checksums
     from model.io import load
     ckpt = Path(ckpt)
     cfg = read_adapter_config(ckpt)
     base = check_base(cfg, ckpt)
     model = load(base, device="cpu").train()
     apply_lora(model, cfg)
+    verify_checksums(ckpt, names=("config.json", ADAPTER_CONFIG, ADAPTER_WEIGHTS))  # a training checkpoint's
     try:
         sd = load_file(str(ckpt / ADAPTER_WEIGHTS))
     except Exception as e:  # safetensors raises several types for truncated files
         raise FurnaceError(f"{ckpt / ADAPTER_WEIGHTS}: unreadable or truncated ({type(e).__name__}: {e})") from None
+    for k, t in sd.items():
+        if not bool(torch.isfinite(t).all()):
+            raise FurnaceError(f"{ckpt / ADAPTER_WEIGHTS}: {k} holds NaN or inf (saved from a diverged run?); "
+                               f"use an earlier checkpoint of that run")
     load_adapter_weights(model, sd, str(ckpt / ADAPTER_WEIGHTS))
     return model.to(device).eval()

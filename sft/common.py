@@ -121,14 +121,15 @@ def run(opts: TrainOptions, ft: FinetuneOptions, make_task) -> dict:
 def add_lora(job: Job, ft: FinetuneOptions) -> None:
     """Freeze the --init model and add adapters; checkpoints then hold the adapters and the base's path and
     sha256 (model/lora.py)."""
-    from model.io import file_sha256, load_config, weights_file
+    from model.fileio import sha256_file
+    from model.io import load_config, weights_file
     from model.lora import LoRAConfig, apply_lora, parse_targets
     base = job.init_ckpt.resolve()
     if job.model.config.vocab_size != load_config(base).vocab_size:
         raise FurnaceError(f"--lora-rank: --init {base} has no chat tokens, so fine-tuning grows its embeddings, which "
                            f"LoRA keeps frozen; run a full SFT first (without --lora-rank), then LoRA on top of it")
     cfg = LoRAConfig(ft.lora_rank, ft.lora_alpha, ft.lora_dropout, parse_targets(ft.lora_targets), str(base),
-                     file_sha256(weights_file(base)))
+                     sha256_file(weights_file(base)))
     apply_lora(job.model, cfg)
     n = sum(p.numel() for p in job.model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in job.model.parameters())
@@ -217,13 +218,12 @@ def read_data(opts: TrainOptions, ft: FinetuneOptions, job: Job, parse_record, b
 def save_tokenizer(tok, run_dir: Path) -> Path:
     """OUT/tokenizer/{tokenizer.json, chat_template.json}: save_checkpoint copies both into each checkpoint."""
     from data.chat_template import JINJA_TEMPLATE, STOP_TOKENS
+    from model.fileio import atomic_write_json
     d = run_dir / "tokenizer"
     tok.save(d)
     meta = {"format": "chatml", "source": "data/chat_template.py", "stop_tokens": list(STOP_TOKENS),
             "trained": "assistant replies (with <think> blocks) and their <|im_end|>", "jinja": JINJA_TEMPLATE}
-    tmp = d / f".{CHAT_TEMPLATE_FILE}.tmp"
-    tmp.write_text(json.dumps(meta, indent=2) + "\n")
-    tmp.replace(d / CHAT_TEMPLATE_FILE)
+    atomic_write_json(d / CHAT_TEMPLATE_FILE, meta)
     return d
 
 

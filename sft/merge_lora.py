@@ -23,10 +23,10 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_meta.json", "chat_template.json"
 
 def merge_checkpoint(ckpt, out) -> Path:
     """Write the merged full checkpoint of adapter checkpoint (or run) `ckpt` into the new folder `out`,
-    atomically (a temporary sibling renamed at the end)."""
-    import os
+    atomically (model.fileio.atomic_dir)."""
     import shutil
 
+    from model.fileio import atomic_dir
     from model.io import load, resolve_checkpoint, save
     from model.lora import is_adapter_checkpoint
     src = resolve_checkpoint(ckpt)
@@ -37,19 +37,11 @@ def merge_checkpoint(ckpt, out) -> Path:
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise FurnaceError(f"merge: output {out} already exists and is not empty; choose a new folder")
     model = load(src)                                   # base (hash-checked) + adapters, merged
-    tmp = out.parent / f".{out.name}.tmp{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
+    with atomic_dir(out) as tmp:
         save(model, tmp)
         for name in TOKENIZER_FILES:
             if (src / name).is_file():
                 shutil.copy2(src / name, tmp / name)
-        if out.exists():
-            out.rmdir()
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 

@@ -30,7 +30,8 @@ def dpo_task(opts, ft, rt, job):
     import json
 
     from model.flops import flops_per_token
-    from model.io import file_sha256, weights_file
+    from model.fileio import sha256_file
+    from model.io import weights_file
     from sft.common import read_data, set_max_steps
     from sft.dpo import DPOTask, PairLoader, cached_reference_logps
     from sft.examples import build_sft_example
@@ -42,7 +43,7 @@ def dpo_task(opts, ft, rt, job):
     train, val, record = read_data(opts, ft, job, dpo_messages, build, rt.rank)
     pad, model = job.tok.eos_id, job.model
     key = hashlib.sha256()  # what the reference log-probs depend on besides the data
-    for part in (file_sha256(weights_file(job.init_ckpt)), job.tok.sha256,
+    for part in (sha256_file(weights_file(job.init_ckpt)), job.tok.sha256,
                  json.dumps(model.config.to_dict(), sort_keys=True), rt.precision.name):
         key.update(part.encode())
     ref = cached_reference_logps(
