@@ -60,6 +60,7 @@ def save(model: torch.nn.Module, directory: str | os.PathLike) -> Path:
     """Write config.json and model.safetensors into `directory` (created if needed); a model carrying LoRA
     adapters writes an adapter-only checkpoint instead (model.lora.save_adapter)."""
     d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
     inner = unwrap(model)
     if getattr(inner, "lora", None) is not None:
         from model.lora import save_adapter
