@@ -44,6 +44,7 @@ class KVCache:
             self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layer)]
         self.max_len = max_len
         self.pos = 0
+        self.pad: torch.Tensor | None = None  # (B, max_len) bool, True = left padding (batched generation)
 
     def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store k, v (B, T, Hkv, hd) at positions pos..pos+T-1 of `layer`; return that layer's keys and
@@ -86,9 +87,12 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q = apply_rope(q, cos, sin, impl=impl)
         k = apply_rope(k, cos, sin, impl=impl)
+        pad = None
         if cache is not None:
             k, v = cache.write(self.layer, k, v)                       # (B, pos+T, Hkv, hd) each
-        y = causal_attention(q, k, v, doc_ids)                         # (B, T, H, hd)
+            if cache.pad is not None:
+                pad = cache.pad[:B, :k.shape[1]]                       # (B, pos+T)
+        y = causal_attention(q, k, v, doc_ids, pad)                    # (B, T, H, hd)
         return self.o_proj(y.reshape(B, T, cfg.n_embd))
 
 
