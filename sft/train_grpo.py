@@ -54,11 +54,11 @@ def grpo_flags() -> argparse.ArgumentParser:
 
 
 def main(argv=None):
+    flags = grpo_flags()
+    opts, ft = parse("grpo", __doc__, argv, parents=[flags])
     from infer.sampling import check_sampling
     from sft.rewards import DEFAULT_REWARDS, parse_rewards
 
-    flags = grpo_flags()
-    opts, ft = parse("grpo", __doc__, argv, parents=[flags])
     g = GRPOOptions(**{k: v for k, v in vars(flags.parse_known_args(argv)[0]).items() if k != "beta"})
     g.reward = g.reward or DEFAULT_REWARDS
     if g.num_generations < 2:
@@ -76,6 +76,11 @@ def main(argv=None):
     if not opts.data:
         opts.data, ft.val_data = default_task(ft.val_data)
     run(opts, ft, lambda o, f, rt, job: grpo_task(o, f, rt, job, g))
+    import os
+
+    from train.metrics import plot_losses
+    if os.environ.get("RANK", "0") == "0" and plot_losses(Path(opts.out), "reward", "val_reward", "reward.png"):
+        log.info(f"reward curve: {Path(opts.out) / 'reward.png'}")
 
 
 def default_task(val_data: str) -> tuple[str, str]:

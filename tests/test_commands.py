@@ -8,8 +8,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 COMMANDS = ["train/pretrain.py", "sft/train_sft.py", "sft/train_dpo.py", "infer/chat.py", "infer/export_hf.py",
-            "infer/evaluate.py", "bench/throughput.py", "data/prepare.py"]
-LIGHT = COMMANDS[:6]
+            "infer/evaluate.py", "sft/train_grpo.py", "bench/throughput.py", "data/prepare.py"]
+LIGHT = COMMANDS[:7]
 
 
 @pytest.mark.parametrize("path", COMMANDS)
