@@ -33,7 +33,7 @@ class FinetuneOptions:
     val_data: str = ""         # files like --data; empty = hold out a slice of --data
     skip_bad: bool = False     # skip (and count) bad records instead of stopping at the first
     truncate: bool = False     # cut over-long examples (oldest turns first) instead of treating them as bad
-    beta: float = 0.1          # DPO temperature
+    beta: float = 0.1          # DPO temperature; GRPO: weight of the KL to the reference (its default 0.04)
     ref_cache: str = ""        # DPO reference log-prob cache folder; empty = runs/cache/dpo-ref
 
 
