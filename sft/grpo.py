@@ -155,7 +155,7 @@ class GRPOTask:
         try:
             with self._ctx(model.embed.weight.device):
                 return generate_batch(model, prompts, self.max_new, temperature, None, self.top_p, self.stop_ids,
-                                      seeds, self.pad_id)
+                                      seeds)
         finally:
             model.train(was_training)
 

@@ -85,13 +85,12 @@ def main(argv=None):
 
 def default_task(val_data: str) -> tuple[str, str]:
     """The offline default: runs/data/grpo-arith/{train,val}.jsonl, small arithmetic from a fixed seed."""
+    from model.fileio import atomic_write
     from sft.rewards import arithmetic_problems
     train, val = arithmetic_problems()
     DEFAULT_DIR.mkdir(parents=True, exist_ok=True)
     for name, recs in (("train", train), ("val", val)):
-        tmp = DEFAULT_DIR / f".{name}.jsonl.tmp"
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in recs))
-        tmp.replace(DEFAULT_DIR / f"{name}.jsonl")
+        atomic_write(DEFAULT_DIR / f"{name}.jsonl", "".join(json.dumps(r) + "\n" for r in recs))
     log.info(f"data: the offline default GRPO task ({DEFAULT_DIR}: {len(train)} arithmetic prompts, single-digit answers)")
     return str(DEFAULT_DIR / "train.jsonl"), val_data or str(DEFAULT_DIR / "val.jsonl")
 

@@ -155,12 +155,13 @@ def make_task(tok, model, recs, *, P=4, G=4, mu=1, beta=0.04, max_new=8, val=Non
 
 def test_batched_sampling_equals_one_at_a_time(tok):
     model = tiny_model(tok).eval()
-    prompts = [it[0] for it in items(tok, arithmetic_problems()[0][:6])] + [[5, 6, 7]]
-    assert len({len(p) for p in prompts}) > 1                              # different lengths: left padding
+    its = [it[0] for it in items(tok, arithmetic_problems()[0][:4])]
+    prompts = [its[0], its[0], its[0], *its[1:], [5, 6, 7]]                # a run of equal prompts (shared prefill)
+    assert len({len(p) for p in prompts}) > 1                              # rows at different positions
     seeds = list(range(100, 100 + len(prompts)))
     stops = stop_ids(tok)
     for temperature, top_p in ((1.0, None), (0.8, 0.9), (0.0, None)):
-        batched = generate_batch(model, prompts, 12, temperature, None, top_p, stops, seeds, tok.eos_id)
+        batched = generate_batch(model, prompts, 12, temperature, None, top_p, stops, seeds)
         single = [generate(model, p, 12, temperature, None, top_p, stop_ids=stops, seed=s) for p, s in zip(prompts, seeds)]
         assert batched == single
     assert len({tuple(b) for b in batched}) > 1

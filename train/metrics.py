@@ -11,6 +11,8 @@ from pathlib import Path
 
 import torch
 
+from model.fileio import disk_full_guard
+
 log = logging.getLogger("furnace")
 REPO = Path(__file__).resolve().parents[1]
 
@@ -47,8 +49,9 @@ class MetricsLog:
         if not self.enabled:
             return
         rec = {k: (round(v, 6) if isinstance(v, float) else v) for k, v in record.items() if v is not None}
-        self._f.write(json.dumps(rec) + "\n")
-        self._f.flush()
+        with disk_full_guard(self.path):
+            self._f.write(json.dumps(rec) + "\n")
+            self._f.flush()
         if self.wandb is not None:
             self.wandb.log({k: v for k, v in rec.items() if k != "step"}, step=rec.get("step"))
 
