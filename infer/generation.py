@@ -10,7 +10,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from infer.decode import Decoder
+from infer.decode import Decoder, eager_last_logits
 from infer.sampling import SamplingParams, next_token
 from model.gpt import GPT, KVCache
 
@@ -88,3 +88,55 @@ def generate(model: GPT, prompt_ids: Sequence[int], max_new_tokens: int, tempera
             full = torch.tensor([ids + out], dtype=torch.long, device=device)  # (1, T)
             logits = decoder.last_logits(full, None)
 
+
+
+@torch.inference_mode()
+def generate_batch(model: GPT, prompts: Sequence[Sequence[int]], max_new_tokens: int, temperature: float = 0.0,
+                   top_k: int | None = None, top_p: float | None = None, stop_ids: Sequence[int] = (),
+                   seeds: Sequence[int] | None = None) -> list[list[int]]:
+    """`generate` for many prompts at once (GRPO's rollouts): one KV cache with a row per prompt. Each distinct
+    prompt is prefilled alone in its row (a run of equal prompts, e.g. GRPO's G copies, once: its keys and
+    values are copied to the other rows), then one decode step per new token for all rows together, each row
+    at its own position (`GPT.hidden_states(..., row_pos=)`, the server's continuous-batching path: no
+    padding). Row i samples with its own generator seeded `seeds[i]`, so it produces the tokens
+    `generate(model, prompts[i], ..., seed=seeds[i])` produces (tested). Returns each row's new tokens, up to
+    and including the stop token that ended it; rows that are done are fed their stop token (ignored) until
+    every row is done or `max_new_tokens` is reached."""
+    params = SamplingParams(temperature, top_k, top_p)
+    B, T_max = len(prompts), context_len(model)
+    prompts = [list(p) for p in prompts]
+    if not B or min(len(p) for p in prompts) == 0:
+        raise ValueError("generate_batch: every prompt needs at least one token")
+    L = max(len(p) for p in prompts)
+    if L >= T_max:
+        raise ValueError(f"generate_batch: a prompt of {L} tokens leaves no room in the context ({T_max})")
+    max_new_tokens = min(max_new_tokens, T_max - L)
+    gens = [torch.Generator(device="cpu").manual_seed(int(s)) for s in seeds] if seeds is not None else None
+    device = model.embed.weight.device
+    stops = frozenset(int(s) for s in stop_ids)
+    cache = model.new_cache(B, L + max_new_tokens)
+    logits = []
+    for i, p in enumerate(prompts):
+        if i and p == prompts[i - 1]:                                      # same prompt: copy the row
+            cache.copy_row(i - 1, i, len(p))
+            logits.append(logits[-1])
+        else:
+            x = torch.tensor([p], dtype=torch.long, device=device)          # (1, T)
+            logits.append(eager_last_logits(model, x, cache.rows(i, i + 1)).float().cpu())   # (V,)
+    logits = torch.stack(logits)                                           # (B, V)
+    pos = torch.tensor([len(p) for p in prompts], dtype=torch.long)        # (B,) next position of each row
+    out: list[list[int]] = [[] for _ in range(B)]
+    done = [False] * B
+    for step in range(max_new_tokens):
+        for i in range(B):
+            if not done[i]:
+                tok = next_token(logits[i], params, None, gens[i] if gens else None)
+                out[i].append(tok)
+                done[i] = tok in stops
+        if all(done) or step == max_new_tokens - 1:
+            break
+        x = torch.tensor([[o[-1]] for o in out], dtype=torch.long, device=device)     # (B, 1)
+        h = model.hidden_states(x, cache, row_pos=pos)                                # (B, 1, d)
+        logits = model.lm_head(h[:, -1]).float().cpu()                                # (B, V)
+        pos += 1
+    return out

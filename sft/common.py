@@ -19,7 +19,8 @@ log = logging.getLogger("furnace")
 DEFAULT_EPOCHS = 2
 CHAT_TEMPLATE_FILE = "chat_template.json"
 # Learning rates for fine-tuning (pretraining's 1e-3 would wreck an SFT'd model) and the device defaults.
-DEFAULTS = {"sft": TrainOptions(lr=3e-4, min_lr=3e-5), "dpo": TrainOptions(lr=1e-4, min_lr=1e-5, schedule="constant")}
+DEFAULTS = {"sft": TrainOptions(lr=3e-4, min_lr=3e-5), "dpo": TrainOptions(lr=1e-4, min_lr=1e-5, schedule="constant"),
+            "grpo": TrainOptions(lr=1e-4, min_lr=1e-4, schedule="constant", grad_clip=1.0)}
 CPU_DEFAULTS, GPU_DEFAULTS = dict(batch_size=8, seq_len=512), dict(batch_size=16, seq_len=2048)
 # A resumed run must agree on these (besides train.options.RUN_DEFINING).
 RESUME_DEFINING = ("kind", "val_data", "skip_bad", "truncate", "beta", "lora_rank", "lora_alpha", "lora_dropout",
@@ -33,7 +34,7 @@ class FinetuneOptions:
     val_data: str = ""         # files like --data; empty = hold out a slice of --data
     skip_bad: bool = False     # skip (and count) bad records instead of stopping at the first
     truncate: bool = False     # cut over-long examples (oldest turns first) instead of treating them as bad
-    beta: float = 0.1          # DPO temperature
+    beta: float = 0.1          # DPO temperature; GRPO: weight of the KL to the reference (its default 0.04)
     ref_cache: str = ""        # DPO reference log-prob cache folder; empty = runs/cache/dpo-ref
     lora_rank: int = 0         # LoRA rank; 0 = full fine-tuning (model/lora.py)
     lora_alpha: float = 16.0   # adapter scale = alpha / rank
@@ -42,9 +43,11 @@ class FinetuneOptions:
     merge: bool = False        # LoRA: after training also write OUT/merged, a full checkpoint
 
 
-def parse(kind: str, description: str, argv) -> tuple[TrainOptions, FinetuneOptions]:
-    """The method's flags: TrainOptions' with its own defaults, plus FinetuneOptions'; checked here."""
-    ap = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+def parse(kind: str, description: str, argv, parents=()) -> tuple[TrainOptions, FinetuneOptions]:
+    """The method's flags: TrainOptions' with its own defaults, plus FinetuneOptions'; checked here.
+    `parents`: argparse parsers (add_help=False) holding a method's own flags, so --help shows them (GRPO)."""
+    ap = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                 parents=list(parents))
     add_arguments(ap, DEFAULTS[kind])
     g = ap.add_argument_group("fine-tuning")
     g.add_argument("--val-data", default="", help="held-out files (like --data); default: every 20th example of --data")
@@ -209,7 +212,8 @@ def read_data(opts: TrainOptions, ft: FinetuneOptions, job: Job, parse_record, b
         train, val = [x for i, x in enumerate(items) if i % k], [x for i, x in enumerate(items) if not i % k]
     log.info(bad.summary("data"))
     if not train:
-        raise FurnaceError(f"--data {opts.data}: no usable training {'examples' if ft.kind == 'sft' else 'preference pairs'}")
+        what = {"sft": "examples", "dpo": "preference pairs"}.get(ft.kind, "prompts")
+        raise FurnaceError(f"--data {opts.data}: no usable training {what}")
     if rank == 0:
         save_tokenizer(job.tok, job.run_dir)
     return train, val, {"bad_records_skipped": bad.count, "train_examples": len(train), "val_examples": len(val)}

@@ -8,8 +8,9 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 COMMANDS = ["train/pretrain.py", "sft/train_sft.py", "sft/train_dpo.py", "infer/chat.py", "infer/export_hf.py",
-            "infer/evaluate.py", "sft/merge_lora.py", "sft/train_distill.py", "bench/throughput.py", "data/prepare.py"]
-LIGHT = COMMANDS[:8]
+            "infer/evaluate.py", "sft/merge_lora.py", "sft/train_distill.py", "sft/train_grpo.py", "bench/throughput.py",
+            "data/prepare.py"]
+LIGHT = COMMANDS[:9]
 
 
 @pytest.mark.parametrize("path", COMMANDS)

@@ -87,8 +87,8 @@ def init_wandb(opts, run_dir: Path, run_id: str | None, config: dict):
     return run, run.id
 
 
-def plot_losses(run_dir: Path) -> Path | None:
-    """OUT/loss.png from metrics.jsonl when matplotlib is present."""
+def plot_losses(run_dir: Path, key: str = "loss", val_key: str = "val_loss", name: str = "loss.png") -> Path | None:
+    """OUT/loss.png from metrics.jsonl when matplotlib is present (other keys: GRPO's OUT/reward.png)."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -99,16 +99,16 @@ def plot_losses(run_dir: Path) -> Path | None:
     steps, losses, vsteps, vlosses = [], [], [], []
     for ln in (run_dir / "metrics.jsonl").read_text().splitlines():
         r = json.loads(ln)
-        if "loss" in r:
-            steps.append(r["step"]); losses.append(r["loss"])
-        if "val_loss" in r:
-            vsteps.append(r["step"]); vlosses.append(r["val_loss"])
+        if key in r:
+            steps.append(r["step"]); losses.append(r[key])
+        if val_key in r:
+            vsteps.append(r["step"]); vlosses.append(r[val_key])
     fig, ax = plt.subplots(figsize=(7, 4))
     ax.plot(steps, losses, label="train", lw=1)
     if vsteps:
         ax.plot(vsteps, vlosses, "o-", label="val")
-    ax.set_xlabel("step"); ax.set_ylabel("loss"); ax.legend(); ax.grid(alpha=0.3)
-    out = run_dir / "loss.png"
+    ax.set_xlabel("step"); ax.set_ylabel(key); ax.legend(); ax.grid(alpha=0.3)
+    out = run_dir / name
     fig.savefig(out, dpi=100, bbox_inches="tight")
     plt.close(fig)
     return out

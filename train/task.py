@@ -8,6 +8,8 @@ A task is any object with:
     count(batch) -> int     loss units in the batch (the Trainer weights micro-batches and ranks by it)
     evaluate(model) -> {name: float}   called with the unwrapped model in eval mode, under no_grad and
                                        the run's autocast; {} when there is nothing to evaluate
+    step_metrics(step_s) -> {name: float}   optional: called after each step with its wall time, merged into
+                                            the step's metrics (GRPO: sampling and training tokens/s apart)
 `model` in loss() is the wrapped model (compile, DDP): call it, don't reach inside. A task may hold
 anything else it needs (a reference model's log-probs, a tokenizer, a sampler).
 """

@@ -319,6 +319,8 @@ class Trainer:
         if out["skipped"]:
             rec["skipped"] = True
         rec.update(out["metrics"])
+        if hasattr(self.task, "step_metrics"):  # metrics that need the step's wall time (GRPO: sampling vs training)
+            rec.update(self.task.step_metrics(dt))
         return rec
 
     def _log_eval(self) -> dict:

@@ -1,0 +1,247 @@
+"""Group Relative Policy Optimization (Shao et al. 2024, DeepSeekMath): advantages, the loss, rollouts, the task.
+
+Per optimizer step (one micro-batch shown): P prompts, G completions each, sampled from the current policy
+(infer.generation.generate_batch: all P x G rows in one KV-cached batch, inference mode), scored by the
+reward functions (sft/rewards.py), then
+
+    A_i     = (r_i - mean(r_group)) / (std(r_group) + 1e-4)          std with Bessel's correction, as TRL
+    ratio_t = exp(logp_t - old_logp_t)
+    pg_t    = -min(ratio_t * A_i, clip(ratio_t, 1 - eps, 1 + eps) * A_i)
+    kl_t    = exp(ref_t - logp_t) - (ref_t - logp_t) - 1               the k3 estimator (Schulman), >= 0
+    loss    = sum_t mask_t * (pg_t + beta * kl_t) / sum_t mask_t       over every completion token of the step
+
+Normalisation: per token over all completion tokens of the optimizer step (DAPO's "token-level" loss; TRL's
+loss_type "dapo"/"bnpo"). Every sampled token weighs the same, so a long completion's tokens are not
+down-weighted as in the original per-sequence mean (which favours short correct answers and long wrong
+ones), and it is what the Trainer's accumulation already does: count() is the batch's completion tokens,
+so micro-batches and ranks are weighted by their token counts (8 x 1 == 1 x 8).
+
+--num-iterations mu: the samples of a step are reused for mu optimizer steps; their log-probs under the
+policy that sampled them (old_logp, kept at the first of those steps) make the ratio. At the first update
+of every batch old_logp == logp: ratio 1, nothing clipped (TRL does the same: old = logp.detach()).
+The reference log-probs come from a frozen copy of the --init weights (no gradients, no optimizer state:
+one more copy of the weights, not four) computed once per batch of samples; beta = 0 holds no reference.
+"""
+from __future__ import annotations
+
+import logging
+import time
+
+import numpy as np
+import torch
+
+from sft.examples import IGNORE
+from sft.rewards import score
+from sft.sampler import EpochSampler
+
+log = logging.getLogger("furnace")
+ADV_EPS = 1e-4
+
+
+def group_advantages(rewards: torch.Tensor, group_size: int, eps: float = ADV_EPS) -> torch.Tensor:
+    """rewards (P*G,) in prompt-major order -> (P*G,) (r - group mean) / (group std + eps). A group whose
+    rewards are all equal gets advantage 0 (std 0: 0 / eps)."""
+    r = rewards.float().view(-1, group_size)                                   # (P, G)
+    adv = (r - r.mean(1, keepdim=True)) / (r.std(1, keepdim=True) + eps)
+    return adv.view(-1)
+
+
+def grpo_loss(logps: torch.Tensor, old_logps: torch.Tensor, ref_logps: torch.Tensor | None,
+              advantages: torch.Tensor, mask: torch.Tensor, beta: float, epsilon: float = 0.2):
+    """logps, old_logps, ref_logps, mask: (N, T) per completion token (mask: 1 = a sampled token);
+    advantages (N,). -> (loss: token mean over the batch, {"kl", "clip_frac", "ratio"} token means)."""
+    m = mask.float()
+    n = m.sum().clamp(min=1.0)
+    adv = advantages.float()[:, None]                                          # (N, 1)
+    ratio = torch.exp(logps - old_logps)                                       # (N, T)
+    clipped = torch.clamp(ratio, 1 - epsilon, 1 + epsilon)
+    per_token = -torch.min(ratio * adv, clipped * adv)
+    mets = {}
+    if ref_logps is not None and beta != 0.0:
+        d = ref_logps - logps
+        kl = torch.exp(d) - d - 1                                              # (N, T)
+        per_token = per_token + beta * kl
+        mets["kl"] = ((kl * m).sum() / n).item()
+    loss = (per_token * m).sum() / n
+    # a token is clipped when the clipped term is the one chosen: ratio beyond the range in the advantage's direction
+    is_clipped = ((ratio < 1 - epsilon) & (adv < 0)) | ((ratio > 1 + epsilon) & (adv > 0))
+    mets["clip_frac"] = ((is_clipped.float() * m).sum() / n).item()
+    mets["ratio"] = ((ratio.detach() * m).sum() / n).item()
+    return loss, mets
+
+
+def token_logps(model, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """x, y (N, T): inputs and targets (IGNORE = no target) -> (N, T) float32 log p(y_t | x_<=t), 0 where
+    there is no target. Goes through model.forward (DDP / compile wrappers stay in the graph)."""
+    logits, _ = model(x)                                                       # (N, T, V)
+    lp = torch.log_softmax(logits.float(), dim=-1)                             # (N, T, V)
+    tgt = y.clamp(min=0)
+    out = lp.gather(2, tgt[..., None]).squeeze(2)                              # (N, T)
+    return out.masked_fill(y == IGNORE, 0.0)
+
+
+def rollout_rows(prompts: list[list[int]], completions: list[list[int]], pad_id: int, multiple: int = 16):
+    """Prompt + completion per row, right-padded -> x, y (N, L); y holds the completion's tokens at the
+    positions that predict them (IGNORE elsewhere). L rounded up to `multiple` (fewer distinct shapes)."""
+    seqs = [p + c for p, c in zip(prompts, completions)]
+    L = multiple * -(-max(len(s) for s in seqs) // multiple)
+    x = torch.full((len(seqs), L), pad_id, dtype=torch.long)
+    y = torch.full((len(seqs), L), IGNORE, dtype=torch.long)
+    for i, (p, s) in enumerate(zip(prompts, seqs)):
+        x[i, :len(s)] = torch.tensor(s)
+        y[i, len(p) - 1:len(s) - 1] = torch.tensor(s[len(p):])
+    return x, y
+
+
+class PromptLoader:
+    """Prompts for GRPO, and the samples of the batch in progress. next_batch() -> {"slot", "iteration"}:
+    micro-batch `slot` (0..grad_accum-1) of iteration `iteration` (0..num_iterations-1) of a batch of prompts.
+    At iteration 0 a slot takes the next P prompts (sft/sampler.py order) and is emptied; the task fills it
+    with samples. The slots are part of state_dict, so a run resumed in the middle of --num-iterations
+    reuses the same samples (and old log-probs)."""
+
+    def __init__(self, items: list, batch_size: int, grad_accum: int = 1, num_iterations: int = 1, seed: int = 0,
+                 rank: int = 0, world_size: int = 1):
+        self.items, self.P, self.A, self.mu = items, batch_size, grad_accum, num_iterations
+        self.sampler = EpochSampler(len(items), seed, True, rank, world_size)
+        self.calls = 0
+        self.slots: list[dict] = [{} for _ in range(grad_accum)]
+
+    def next_batch(self) -> dict:
+        k = self.calls
+        self.calls += 1
+        slot, it = k % self.A, (k // self.A) % self.mu
+        if it == 0:
+            self.slots[slot] = {"idx": self.sampler.take(self.P), "batch": k // (self.A * self.mu)}
+        return {"slot": slot, "iteration": it}
+
+    def state_dict(self) -> dict:
+        return {"sampler": self.sampler.state_dict(), "calls": self.calls, "slots": self.slots}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.sampler.load_state_dict(state["sampler"])
+        self.calls, self.slots = int(state["calls"]), list(state["slots"])
+
+    def close(self) -> None:
+        """Nothing to release; here for the loader interface."""
+
+
+class GRPOTask:
+    """The Trainer's task for GRPO (train/task.py). The loss unit is a sampled completion token. count()
+    needs the completions' lengths, so a slot's samples are drawn at the first of count/loss in the step (both
+    run inside the Trainer's step, before any backward, with the step's weights)."""
+    unit = "tok"
+
+    def __init__(self, loader: PromptLoader, policy, ref, tokenizer, rewards, *, num_generations: int,
+                 max_new_tokens: int, temperature: float, top_p: float | None, beta: float, epsilon: float,
+                 stop_ids, seed: int, rank: int = 0, val: list | None = None, autocast=None,
+                 flops_per_unit: float = 0.0):
+        self.train_loader, self.policy, self.ref, self.tok, self.rewards = loader, policy, ref, tokenizer, rewards
+        self.G, self.max_new, self.temperature, self.top_p = num_generations, max_new_tokens, temperature, top_p
+        self.beta, self.epsilon, self.stop_ids, self.seed, self.rank = beta, epsilon, tuple(stop_ids), seed, rank
+        self.val, self.autocast, self.flops_per_unit = val or [], autocast, flops_per_unit
+        self.pad_id = tokenizer.eos_id
+        self._sample_s, self._gen_tokens, self._train_tokens = 0.0, 0, 0
+
+    # ---- sampling and scoring --------------------------------------------------------------------------
+    def _ctx(self, device):
+        return self.autocast(device.type) if self.autocast else torch.autocast(device.type, enabled=False)
+
+    def sample(self, prompts: list[list[int]], seeds, temperature: float) -> list[list[int]]:
+        from infer.generation import generate_batch
+        model = self.policy
+        was_training = model.training
+        model.eval()
+        try:
+            with self._ctx(model.embed.weight.device):
+                return generate_batch(model, prompts, self.max_new, temperature, None, self.top_p, self.stop_ids,
+                                      seeds)
+        finally:
+            model.train(was_training)
+
+    def completion_text(self, ids: list[int]) -> str:
+        return self.tok.decode([t for t in ids if t not in self.stop_ids])
+
+    def rollout(self, slot: dict) -> dict:
+        """Fill `slot` ({"idx", "batch"}) with G samples per prompt, their rewards, advantages and reference
+        log-probs. Seeds per row from (--seed, batch number, slot's prompts, rank): resume reproduces them."""
+        items = [self.train_loader.items[i] for i in slot["idx"]]
+        prompts = [it[0] for it in items for _ in range(self.G)]
+        seq = np.random.SeedSequence([self.seed, slot["batch"], self.rank, *slot["idx"]])
+        seeds = seq.generate_state(len(prompts), dtype=np.uint32).tolist()
+        t0 = time.perf_counter()
+        comps = self.sample(prompts, seeds, self.temperature)
+        dt = time.perf_counter() - t0
+        texts = [self.completion_text(c) for c in comps]
+        r = torch.tensor(score(self.rewards, [it[1] for it in items for _ in range(self.G)], texts,
+                               [it[2] for it in items for _ in range(self.G)]))          # (N, K)
+        w = torch.tensor([wt for _, _, wt in self.rewards])
+        total = r @ w                                                                     # (N,)
+        x, y = rollout_rows(prompts, comps, self.pad_id)
+        slot.update(x=x, y=y, rewards=r, total=total, adv=group_advantages(total, self.G),
+                    comp_len=torch.tensor([float(len(c)) for c in comps]), sample_s=dt,
+                    gen_tokens=sum(len(c) for c in comps), seq_tokens=sum(len(p) + len(c) for p, c in zip(prompts, comps)))
+        if self.ref is not None and self.beta != 0.0:
+            dev = self.ref.embed.weight.device
+            with torch.no_grad(), self._ctx(dev):
+                slot["ref"] = token_logps(self.ref, x.to(dev), y.to(dev)).float().cpu()  # (N, L)
+        self._sample_s += dt
+        self._gen_tokens += slot["gen_tokens"]
+        return slot
+
+    def _slot(self, batch: dict) -> dict:
+        slot = self.train_loader.slots[batch["slot"]]
+        if "x" not in slot:
+            self.rollout(slot)
+        return slot
+
+    # ---- the task interface -------------------------------------------------------------------------
+    def count(self, batch: dict) -> int:
+        return int((self._slot(batch)["y"] != IGNORE).sum())
+
+    def loss(self, model, batch: dict):
+        slot = self._slot(batch)
+        dev = self.policy.embed.weight.device
+        x, y = slot["x"].to(dev), slot["y"].to(dev)
+        mask = y != IGNORE
+        logps = token_logps(model, x, y)                                                   # (N, L)
+        if batch["iteration"] == 0:
+            old = logps.detach()
+            if self.train_loader.mu > 1:
+                slot["old"] = old.float().cpu()
+        else:
+            old = slot["old"].to(dev)
+        ref = slot["ref"].to(dev) if "ref" in slot else None
+        loss, mets = grpo_loss(logps, old, ref, slot["adv"].to(dev), mask, self.beta, self.epsilon)
+        self._train_tokens += slot["seq_tokens"]                                           # prompt + completion
+        r, total = slot["rewards"], slot["total"]
+        mets.update(reward=total.mean().item(), reward_std=total.std().item(), completion_len=slot["comp_len"].mean().item())
+        for k, (name, _, _) in enumerate(self.rewards):
+            mets[f"reward_{name}"] = r[:, k].mean().item()
+            mets[f"reward_{name}_std"] = r[:, k].std().item()
+        return loss, mets
+
+    def step_metrics(self, step_s: float) -> dict:
+        """Called by the Trainer after each step with its wall time: sampling and training throughput apart."""
+        out = {}
+        if self._sample_s > 0:
+            out.update(sample_tok_s=self._gen_tokens / self._sample_s, sample_s=self._sample_s)
+        train_s = step_s - self._sample_s
+        if train_s > 0 and self._train_tokens:
+            out["train_tok_s"] = self._train_tokens / train_s
+        self._sample_s, self._gen_tokens, self._train_tokens = 0.0, 0, 0
+        return out
+
+    @torch.no_grad()
+    def evaluate(self, model) -> dict:
+        """Greedy replies to the held-out prompts: mean reward per function and in total (val_reward)."""
+        if not self.val:
+            return {}
+        comps = self.sample([v[0] for v in self.val], None, 0.0)
+        texts = [self.completion_text(c) for c in comps]
+        r = torch.tensor(score(self.rewards, [v[1] for v in self.val], texts, [v[2] for v in self.val]))
+        w = torch.tensor([wt for _, _, wt in self.rewards])
+        out = {"val_reward": (r @ w).mean().item()}
+        for k, (name, _, _) in enumerate(self.rewards):
+            out[f"val_reward_{name}"] = r[:, k].mean().item()
+        return out

@@ -1,0 +1,123 @@
+"""GRPO's rewards and its offline default task.
+
+A reward is a plain callable `reward(prompt: str, completion: str, answer: str) -> float`: `prompt` is the
+last user message, `completion` the sampled reply (without its <|im_end|>), `answer` the record's answer.
+`--reward name[:weight],...` picks them: a built-in name or `package.module.function` (an importable
+Python function of the user's). The total reward of a completion is the weighted sum.
+
+Built in:
+    format   1.0 when the reply is `<think>...</think>` followed by a non-empty answer (DeepSeek-R1's format
+             reward), else 0.0
+    answer   1.0 when the reply's final answer equals the record's answer exactly, else 0.0. The final
+             answer is the text after the last `</think>` (the whole reply without one); when it contains a
+             number, its last number (so "7", "= 7" and "the answer is 7" all answer "7"), else the text
+             stripped. Compared as strings after stripping.
+"""
+from __future__ import annotations
+
+import importlib
+import math
+import random
+import re
+from typing import Callable
+
+from kernels.common import FurnaceError
+
+Reward = Callable[[str, str, str], float]
+_FORMAT = re.compile(r"\s*<think>.*?</think>\s*\S.*", re.S)
+_NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
+
+
+def think_format(prompt: str, completion: str, answer: str) -> float:
+    return 1.0 if _FORMAT.fullmatch(completion) else 0.0
+
+
+def final_answer(completion: str) -> str:
+    tail = completion.rsplit("</think>", 1)[-1]
+    nums = _NUMBER.findall(tail)
+    return nums[-1] if nums else tail.strip()
+
+
+def exact_answer(prompt: str, completion: str, answer: str) -> float:
+    return 1.0 if final_answer(completion) == str(answer).strip() else 0.0
+
+
+BUILTIN: dict[str, Reward] = {"format": think_format, "answer": exact_answer}
+DEFAULT_REWARDS = "answer:1,format:0.5"
+
+
+def parse_rewards(spec: str) -> list[tuple[str, Reward, float]]:
+    """'answer:1,format:0.5' -> [(name, function, weight), ...]; FurnaceError naming the bad part."""
+    out = []
+    for part in (p.strip() for p in spec.split(",")):
+        if not part:
+            continue
+        name, _, w = part.partition(":")
+        try:
+            weight = float(w) if w else 1.0
+        except ValueError:
+            raise FurnaceError(f"--reward {part}: weight {w!r} is not a number (expected name[:weight])") from None
+        if not math.isfinite(weight):
+            raise FurnaceError(f"--reward {part}: weight {w!r} is not finite")
+        out.append((name, resolve_reward(name), weight))
+    if not out:
+        raise FurnaceError(f"--reward {spec!r}: no reward function given (built in: {', '.join(BUILTIN)})")
+    if len({n for n, _, _ in out}) != len(out):
+        raise FurnaceError(f"--reward {spec}: a reward function is named twice")
+    return out
+
+
+def resolve_reward(name: str) -> Reward:
+    if name in BUILTIN:
+        return BUILTIN[name]
+    mod, _, fn = name.rpartition(".")
+    if not mod:
+        raise FurnaceError(f"--reward {name}: unknown reward function; built in: {', '.join(BUILTIN)}, or give "
+                           f"an importable package.module.function")
+    try:
+        f = getattr(importlib.import_module(mod), fn)
+    except (ImportError, AttributeError) as e:
+        raise FurnaceError(f"--reward {name}: cannot import it ({type(e).__name__}: {e})") from None
+    if not callable(f):
+        raise FurnaceError(f"--reward {name}: is a {type(f).__name__}, not a function")
+    return f
+
+
+def score(rewards: list[tuple[str, Reward, float]], prompts: list[str], completions: list[str],
+          answers: list[str]) -> list[list[float]]:
+    """(N, K) rewards of N completions under K functions; FurnaceError naming the function and the completion
+    when one raises or returns something that is not a finite number."""
+    out = []
+    for i, (p, c, a) in enumerate(zip(prompts, completions, answers)):
+        row = []
+        for name, fn, _ in rewards:
+            try:
+                r = fn(p, c, a)
+            except Exception as e:  # noqa: BLE001 - a user's function: report it with its name
+                raise FurnaceError(f"reward function {name!r} raised {type(e).__name__}: {e} (completion {i}: "
+                                   f"{c[:60]!r})") from None
+            if isinstance(r, bool) or not isinstance(r, (int, float)) or not math.isfinite(r):
+                raise FurnaceError(f"reward function {name!r} returned {r!r} for completion {i} ({c[:60]!r}); "
+                                   f"expected a finite float")
+            row.append(float(r))
+        out.append(row)
+    return out
+
+
+# ---- the offline default task: small arithmetic with single-digit answers --------------------------------
+def arithmetic_problems(n_train: int = 512, n_val: int = 64, seed: int = 1234) -> tuple[list[dict], list[dict]]:
+    """Records {"prompt", "answer"}: "What is a + b?" (a + b < 10) or "What is a - b?" (a >= b), a, b in 0..9,
+    so every answer is one digit. 20 of the 100 (a, b) pairs are held out for validation."""
+    rng = random.Random(seed)
+    pairs = [(a, b) for a in range(10) for b in range(10)]
+    rng.shuffle(pairs)
+    val_pairs, train_pairs = pairs[:20], pairs[20:]
+
+    def rec(a, b):
+        if a + b < 10:
+            return {"prompt": f"What is {a} + {b}?", "answer": str(a + b)}
+        a, b = max(a, b), min(a, b)
+        return {"prompt": f"What is {a} - {b}?", "answer": str(a - b)}
+
+    return ([rec(*rng.choice(train_pairs)) for _ in range(n_train)],
+            [rec(*rng.choice(val_pairs)) for _ in range(n_val)])
