@@ -36,18 +36,50 @@ class FinetuneOptions:
     ref_cache: str = ""        # DPO reference log-prob cache folder; empty = runs/cache/dpo-ref
 
 
+def help_overrides(kind: str) -> dict[str, str]:
+    """The help lines of TrainOptions fields whose meaning or default differs when fine-tuning."""
+    d = DEFAULTS[kind]
+    unit = "examples" if kind == "sft" else "preference pairs"
+    return {
+        "data": f"{'SFT' if kind == 'sft' else 'DPO'} records: .jsonl/.json files, folders of them or hf:NAME[:SPLIT] "
+                f"(formats: sft/README.md); default: the offline {kind.upper()} dataset built from the stdlib",
+        "init": "the checkpoint or run folder to fine-tune (required; "
+                + ("a pretrained run, e.g. runs/tiny-stdlib-bpe4096)" if kind == "sft" else "an SFT run)"),
+        "max_steps": f"optimizer steps; default: {DEFAULT_EPOCHS} epochs over --data",
+        "batch_size": f"{unit} per micro-batch per device; default: {CPU_DEFAULTS['batch_size']} on CPU, "
+                      f"{GPU_DEFAULTS['batch_size']} on CUDA",
+        "seq_len": f"tokens per sequence; default: {CPU_DEFAULTS['seq_len']} on CPU, {GPU_DEFAULTS['seq_len']} on "
+                   f"CUDA (capped by the model's context)",
+        "lr": f"peak learning rate; default: {d.lr:g}",
+        "min_lr": f"learning rate at the end of the schedule; default: {d.min_lr:g}",
+        "schedule": f"learning-rate decay after warm-up; default: {d.schedule}",
+        "out": f"run folder; default: runs/{kind}-<init folder name>, or -2, -3... when taken",
+    }
+
+
+# TrainOptions fields a method refuses (not listed in its --help): the model's shape comes from --init, --tokens
+# counts pretraining tokens; DPO has no z-loss and evaluates every held-out pair.
+REFUSED = {"sft": ("preset", "tokens"), "dpo": ("preset", "tokens", "z_loss", "eval_tokens")}
+
+
 def parse(kind: str, description: str, argv) -> tuple[TrainOptions, FinetuneOptions]:
     """The method's flags: TrainOptions' with its own defaults, plus FinetuneOptions'; checked here."""
     ap = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(ap, DEFAULTS[kind])
+    groups = add_arguments(ap, DEFAULTS[kind], exclude=REFUSED[kind], help_overrides=help_overrides(kind))
     g = ap.add_argument_group("fine-tuning")
-    g.add_argument("--val-data", default="", help="held-out files (like --data); default: every 20th example of --data")
-    g.add_argument("--skip-bad", action="store_true", help="skip bad records (counted in the summary) instead of stopping")
+    g.add_argument("--val-data", default="", metavar="S",
+                   help="held-out records (like --data); default: every 20th example of --data (none under 40)")
+    g.add_argument("--skip-bad", action="store_true",
+                   help="skip bad records (counted in the summary) instead of stopping at the first; default: off")
     g.add_argument("--truncate", action="store_true",
-                   help="cut examples longer than --seq-len (oldest turns first, then the end) instead of treating them as bad")
+                   help="cut examples longer than --seq-len (oldest turns first, then the end) instead of treating "
+                        "them as bad; default: off")
     if kind == "dpo":
-        g.add_argument("--beta", type=float, default=0.1, help="DPO temperature (default: 0.1)")
-        g.add_argument("--ref-cache", default="", help="reference log-prob cache folder (default: runs/cache/dpo-ref)")
+        g.add_argument("--beta", type=float, default=0.1, metavar="X",
+                       help="DPO temperature: how far the policy may move from the reference; default: 0.1")
+        g.add_argument("--ref-cache", default="", metavar="S",
+                       help="reference log-prob cache folder; default: runs/cache/dpo-ref")
+    del groups
     args = ap.parse_args(argv)
     opts = options_from_args(args, DEFAULTS[kind])
     ft = FinetuneOptions(kind=kind, val_data=args.val_data, skip_bad=args.skip_bad, truncate=args.truncate,
@@ -55,8 +87,6 @@ def parse(kind: str, description: str, argv) -> tuple[TrainOptions, FinetuneOpti
     if not opts.init:
         what = "a pretrained run, e.g. --init runs/tiny-stdlib-bpe4096" if kind == "sft" else "an SFT run"
         raise FurnaceError(f"--init is required: the checkpoint or run folder to fine-tune ({what})")
-    if opts.preset:
-        raise FurnaceError(f"--preset {opts.preset}: fine-tuning takes the model's shape from --init; drop --preset")
     if kind == "dpo" and not ft.beta > 0:
         raise FurnaceError(f"--beta {ft.beta}: expected > 0 (e.g. 0.1)")
     return opts, ft
