@@ -142,6 +142,7 @@ def export_hf(model: GPT, out: str | os.PathLike, tokenizer=None, dtype: str = "
     from safetensors.torch import save_file
 
     from data.chat_template import EOS
+    from model.io import umask_mode
     if dtype not in DTYPES:
         raise FurnaceError(f"--dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
     dtype_name = DTYPES[dtype]
@@ -162,6 +163,7 @@ def export_hf(model: GPT, out: str | os.PathLike, tokenizer=None, dtype: str = "
     try:
         (tmp / "config.json").write_text(json.dumps(conf, indent=2) + "\n")
         save_file(hf_state_dict(model, torch_dtype), str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        umask_mode(tmp / "model.safetensors")
         if tokenizer is not None:
             tokenizer.save(tmp)
             for name, obj in tokenizer_files(tokenizer, cfg).items():

@@ -57,7 +57,16 @@ def save(model: torch.nn.Module, directory: str | os.PathLike) -> Path:
     (d / CONFIG_FILE).write_text(json.dumps(inner.config.to_dict(), indent=2) + "\n")
     save_file({k: v.cpu() for k, v in clean_state_dict(inner).items()}, str(d / WEIGHTS_FILE),
               metadata={"format": "pt", "furnace": "1"})
+    umask_mode(d / WEIGHTS_FILE)
     return d
+
+
+def umask_mode(path: str | os.PathLike) -> None:
+    """Give a file the permissions the user's umask gives a new file (0644 under umask 022): safetensors
+    writes its files 0600 (its writer creates them private), unlike every other output."""
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(path, 0o666 & ~mask)
 
 
 def checkpoint_step(path: Path) -> int | None:

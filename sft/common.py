@@ -54,6 +54,8 @@ def help_overrides(kind: str) -> dict[str, str]:
         "min_lr": f"learning rate at the end of the schedule; default: {d.min_lr:g}",
         "schedule": f"learning-rate decay after warm-up; default: {d.schedule}",
         "out": f"run folder; default: runs/{kind}-<init folder name>, or -2, -3... when taken",
+        "sample_prompt": "user message answered at each evaluation (printed and saved in samples.jsonl); \"none\" = "
+                         "no samples; default: a request for a small Python function",
     }
 
 
@@ -64,7 +66,9 @@ REFUSED = {"sft": ("preset", "tokens"), "dpo": ("preset", "tokens", "z_loss", "e
 
 def parse(kind: str, description: str, argv) -> tuple[TrainOptions, FinetuneOptions]:
     """The method's flags: TrainOptions' with its own defaults, plus FinetuneOptions'; checked here."""
-    ap = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    from kernels.common import EXIT_CODES
+    ap = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                 epilog=EXIT_CODES)
     groups = add_arguments(ap, DEFAULTS[kind], exclude=REFUSED[kind], help_overrides=help_overrides(kind))
     g = ap.add_argument_group("fine-tuning")
     g.add_argument("--val-data", default="", metavar="S",
@@ -111,12 +115,25 @@ def run(opts: TrainOptions, ft: FinetuneOptions, make_task) -> dict:
     with init_runtime(opts) as rt:
         job = open_job(opts, ft, rt)
         task, record = make_task(opts, ft, rt, job)
+        if opts.sample_prompt != "none":
+            task.sample = chat_sampler(job.tok, opts.sample_prompt or SAMPLE_PROMPT)
         record = {"finetune": asdict(ft), "init_checkpoint": str(job.init_ckpt), "chat_template": "chatml", **record}
         trainer = Trainer(opts, task, job.model, rt, job.run_dir, resume=job.resume,
                           tokenizer_dir=job.run_dir / "tokenizer")
         summary = trainer.run(record)
         log.info(f"chat with it: python infer/chat.py --ckpt {job.run_dir}")
         return summary
+
+
+SAMPLE_PROMPT = "Write a Python function that returns the sum of a list of numbers."
+
+
+def chat_sampler(tok, text: str):
+    """The fixed user message answered at each evaluation, through the one chat template."""
+    from data.chat_template import encode_chat, stop_ids
+    from infer.generation import PromptSampler
+    ids = encode_chat(tok, [{"role": "user", "content": text}], add_generation_prompt=True)
+    return PromptSampler(tok, ids, max_new_tokens=64, stop_ids=stop_ids(tok))
 
 
 def open_job(opts: TrainOptions, ft: FinetuneOptions, rt) -> Job:

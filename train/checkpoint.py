@@ -21,7 +21,7 @@ import torch
 from safetensors.torch import save_file
 
 from kernels.common import FurnaceError
-from model.io import checkpoint_step, latest_checkpoint, save as save_model
+from model.io import checkpoint_step, latest_checkpoint, save as save_model, umask_mode
 
 log = logging.getLogger("furnace")
 STATE_FILE = "trainer_state.pt"
@@ -43,8 +43,10 @@ def set_rng_state(s: dict) -> None:
 
 
 def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, state: dict, tokenizer_dir: Path | None,
-                    keep_last: int, ema: dict | None = None) -> Path:
-    """Write step `step` atomically, then drop all but the newest `keep_last` checkpoints."""
+                    keep_last: int, ema: dict | None = None, weights_only_older: bool = False) -> Path:
+    """Write step `step` atomically, then drop all but the newest `keep_last` checkpoints.
+    `weights_only_older` (--keep-weights-only): the kept checkpoints other than the newest lose their trainer
+    state and EMA (about two thirds of their size) and keep their weights: loadable, no longer resumable."""
     ck_root = run_dir / "checkpoints"
     ck_root.mkdir(parents=True, exist_ok=True)
     final = ck_root / f"step_{step:08d}"
@@ -59,6 +61,7 @@ def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, state: dic
     torch.save(state, tmp / STATE_FILE)
     if ema is not None:
         save_file({k: v.detach().cpu().contiguous() for k, v in ema.items()}, str(tmp / "ema.safetensors"))
+        umask_mode(tmp / "ema.safetensors")
     if final.exists():  # re-saving the same step (e.g. Ctrl-C right after a periodic save)
         shutil.rmtree(final)
     tmp.rename(final)
@@ -66,6 +69,10 @@ def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, state: dic
                   key=checkpoint_step)
     for old in done[:-keep_last]:
         shutil.rmtree(old)
+    if weights_only_older:
+        for old in done[-keep_last:-1]:
+            for name in (STATE_FILE, "ema.safetensors"):
+                (old / name).unlink(missing_ok=True)
     return final
 
 

@@ -8,6 +8,8 @@ A task is any object with:
     count(batch) -> int     loss units in the batch (the Trainer weights micro-batches and ranks by it)
     evaluate(model) -> {name: float}   called with the unwrapped model in eval mode, under no_grad and
                                        the run's autocast; {} when there is nothing to evaluate
+    sample            None, or sample(model) -> (prompt, text): after each evaluation the Trainer prints it
+                      and appends it to OUT/samples.jsonl (infer.generation.PromptSampler: a fixed prompt)
 `model` in loss() is the wrapped model (compile, DDP): call it, don't reach inside. A task may hold
 anything else it needs (a reference model's log-probs, a tokenizer, a sampler).
 """
@@ -25,6 +27,7 @@ class LMTask:
                  flops_per_unit: float = 0.0):
         self.train_loader, self.val_loader, self.eval_batches = train_loader, val_loader, eval_batches
         self.z_loss, self.flops_per_unit = z_loss, flops_per_unit
+        self.sample = None
 
     def loss(self, model, batch):
         x, y, *doc = batch
