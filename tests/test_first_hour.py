@@ -21,3 +21,42 @@ def test_kernel_bench_default_peak_memory_is_under_2_gb():
     assert mem["fused_mib"] < mem["materialised_mib"] and abs(mem["fused_loss"] - mem["materialised_loss"]) < 1e-3
     assert "--memory-shape 8192,768,49152" in subprocess.run(
         [sys.executable, str(ROOT / "bench/kernel_bench.py"), "--help"], capture_output=True, text=True).stdout
+
+
+def test_a_pretraining_run_as_a_newcomer_sees_it(tmp_path):
+    """Defaults: validation at the start and the end (automatic cadence) with a sample of a fixed prompt each
+    time (samples.jsonl), a short summary on stderr and nothing on stdout, summary.json, loss.png; every
+    output file has the mode the umask gives (safetensors alone would write 0600); --keep-weights-only
+    strips the trainer state of the older checkpoints only."""
+    import os
+    import string
+    import textwrap
+    from data import prepare
+    src = tmp_path / "src"
+    src.mkdir()
+    for mod in (string, textwrap):
+        (src / f"{mod.__name__}.py").write_text(Path(mod.__file__).read_text())
+    prepare(tmp_path / "data", sources=[str(src)], tokenizer="train:300", val_fraction=0.5, progress=False)
+    run = tmp_path / "run"
+    p = subprocess.run([sys.executable, str(ROOT / "train/pretrain.py"), "--data", str(tmp_path / "data"), "--out",
+                        str(run), "--max-steps", "12", "--batch-size", "2", "--seq-len", "64", "--save-every", "4",
+                        "--keep-weights-only", "--sample-prompt", "def f(x):"],
+                       capture_output=True, text=True, timeout=600, preexec_fn=lambda: os.umask(0o027),
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert p.returncode == 0, p.stderr
+    assert p.stdout == ""                                         # logs go to stderr
+    metrics = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics if "val_loss" in m] == [0, 12]
+    samples = [json.loads(ln) for ln in (run / "samples.jsonl").read_text().splitlines()]
+    assert [s["step"] for s in samples] == [0, 12] and {s["prompt"] for s in samples} == {"def f(x):"}
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["steps"] == 12 and summary["tokens"] == 12 * 2 * 64 and summary["interrupted"] is False
+    assert f"done: 12 steps, {12 * 2 * 64:,} tokens in " in p.stderr and f"plots: {run / 'loss.png'}" in p.stderr
+    assert "done: {" not in p.stderr and (run / "loss.png").stat().st_size > 1000
+    cks = sorted((run / "checkpoints").iterdir())
+    assert [c.name for c in cks] == ["step_00000004", "step_00000008", "step_00000012"]
+    assert [(c / "trainer_state.pt").exists() for c in cks] == [False, False, True]
+    assert all((c / "model.safetensors").is_file() for c in cks)
+    files = [f for f in run.rglob("*") if f.is_file()]
+    modes = {str(f.relative_to(run)): oct(f.stat().st_mode & 0o777) for f in files}
+    assert set(modes.values()) == {"0o640"}, modes

@@ -57,7 +57,7 @@ def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, state: dic
     if tokenizer_dir is not None:
         for name in ("tokenizer.json", "tokenizer_meta.json", "chat_template.json"):
             if (tokenizer_dir / name).is_file():
-                shutil.copy2(tokenizer_dir / name, tmp / name)
+                shutil.copyfile(tokenizer_dir / name, tmp / name)  # new file: the umask's mode, not the source's
     torch.save(state, tmp / STATE_FILE)
     if ema is not None:
         save_file({k: v.detach().cpu().contiguous() for k, v in ema.items()}, str(tmp / "ema.safetensors"))
