@@ -194,7 +194,7 @@ SMALL = ["--batch-size", "2", "--seq-len", "128", "--log-every", "1", "--warmup"
 
 
 @pytest.mark.parametrize("records, raw, where, msg", [
-    ([], ['{"conversations": [\n'], ":1:", "malformed JSON at column 19: Expecting value"),
+    ([], ['{"conversations": [\n'], ":1:", "malformed JSON at column 20: Expecting value"),
     (GOOD[:1], ['{"a": 1} x\n'], ":2:", "malformed JSON at column 10: Extra data"),
     (GOOD[:2] + [{"messages": [{"content": "hi"}, {"role": "assistant", "content": "yo"}]}], [], ":3:", "has no 'role'"),
     ([{"instruction": "do it"}], [], ":1:", "'output' is missing"),
