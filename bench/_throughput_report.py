@@ -17,6 +17,7 @@ import torch
 from bench._throughput_rows import GRAD_CLIP, LR, WEIGHT_DECAY, precheck
 from model.config import get_preset
 from kernels.common import FurnaceError
+from model.fileio import atomic_path, atomic_write_json
 from model.flops import PEAK_TFLOPS, device_peak_name, flops_per_token, matmul_params
 from model.gpt import GPT
 from train.metrics import run_record
@@ -155,12 +156,6 @@ def format_table(report: dict) -> str:
     return "\n".join(out + ["notes:"] + notes)
 
 
-def _atomic_write(path: Path, write) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    tmp.replace(path)
-
-
 def check_out_path(path: str | None, flag: str) -> Path | None:
     """Fail before measuring, not after, when an output path cannot be written."""
     if not path:
@@ -176,7 +171,7 @@ def check_out_path(path: str | None, flag: str) -> Path | None:
 
 
 def write_json(path: Path, report: dict) -> None:
-    _atomic_write(path, lambda t: t.write_text(json.dumps(report, indent=2) + "\n"))
+    atomic_write_json(path, report)
 
 
 def write_plot(path: Path, report: dict) -> None:
@@ -209,7 +204,8 @@ def write_plot(path: Path, report: dict) -> None:
     ax.set_title(f"{cfg['preset']} B={cfg['batch_size']} T={cfg['seq_len']} on {report['device'][:60]}", fontsize=9)
     ax.legend(fontsize=8)
     ax.grid(axis="y", alpha=0.3)
-    _atomic_write(path, lambda t: fig.savefig(t, dpi=110, bbox_inches="tight", format="png"))
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, bbox_inches="tight", format="png")
     plt.close(fig)
 
 

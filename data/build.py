@@ -31,6 +31,7 @@ from data.shards import ShardWriter, dtype_for_vocab, read_raw_uint16
 from data.sources import SourceStats, describe_sources, iter_documents
 from data.tokenizer import TOKENIZER_FILE, Tokenizer, gpt2_tokenizer, load_tokenizer, train_bpe
 from kernels.common import FurnaceError
+from model.fileio import atomic_write_json
 
 log = logging.getLogger("furnace")
 
@@ -158,8 +159,9 @@ def _finish(item):
 class SplitWriter:
     """Writes one split as a series of shards of at most `shard_tokens` tokens into `staging`."""
 
-    def __init__(self, staging: Path, split: str, dtype: str, shard_tokens: int):
+    def __init__(self, staging: Path, split: str, dtype: str, shard_tokens: int, tokenizer_sha256: str | None = None):
         self.staging, self.split, self.dtype, self.shard_tokens = staging, split, dtype, shard_tokens
+        self.tokenizer_sha256 = tokenizer_sha256
         self.shards: list[dict] = []
         self.writer: ShardWriter | None = None
         self.documents = 0
@@ -172,7 +174,7 @@ class SplitWriter:
         while ids.size:
             if self.writer is None:
                 name = f"{self.split}_{len(self.shards):06d}.bin"
-                self.writer = ShardWriter(self.staging / name, self.dtype)
+                self.writer = ShardWriter(self.staging / name, self.dtype, self.tokenizer_sha256)
             room = self.shard_tokens - self.writer.count
             self.writer.append(ids[:room])
             ids = ids[room:]
@@ -307,7 +309,7 @@ def _prepare(out_dir, sources=None, tokenizer: str = "train:4096", text_field: s
     dtype = dtype_for_vocab(tok.vocab_size)
     staging = out / f".staging-{os.getpid()}"
     staging.mkdir()
-    writers = {s: SplitWriter(staging, s, dtype, shard_tokens) for s in ("train", "val")}
+    writers = {s: SplitWriter(staging, s, dtype, shard_tokens, tok.sha256) for s in ("train", "val")}
     stats = SourceStats()
     t0 = time.time()
     bar = tqdm(total=max_tokens, unit="tok", unit_scale=True, desc="prepare", disable=not progress, mininterval=1.0)
@@ -380,6 +382,4 @@ def _publish(out: Path, staging: Path, tok: Tokenizer, manifest: dict) -> None:
         os.replace(staging / name, out / name)
     shutil.rmtree(staging, ignore_errors=True)
     tok.save(out)
-    tmp = out / f".{MANIFEST_FILE}.tmp{os.getpid()}"
-    tmp.write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, out / MANIFEST_FILE)
+    atomic_write_json(out / MANIFEST_FILE, manifest)

@@ -10,6 +10,10 @@ A segment is flagged *trainable* when it is an assistant's reply: its optional t
 content and its `<|im_end|>` (the stop token at inference). The "\n" after `<|im_end|>` and every
 `<|im_start|>role\n` header are not trained.
 
+Literal `<|im_start|>`, `<|im_end|>` and `<|endoftext|>` inside a message's text are **escaped**: tokenized
+as plain characters, never as control tokens (only the markers the template writes are), so typed text
+cannot end a turn or forge one. `<think>` / `</think>` written inline stay control tokens.
+
 `encode_chat` tokenizes segment by segment, so trainable spans start and end on token boundaries and
 the prompt rendered for inference (`add_generation_prompt=True`) is, token for token, the prefix of the
 training sequence that continues it with the assistant's reply.
@@ -17,6 +21,7 @@ training sequence that continues it with the assistant's reply.
 from __future__ import annotations
 
 import logging
+import re
 
 import torch
 
@@ -29,6 +34,7 @@ IM_START, IM_END, EOS = "<|im_start|>", "<|im_end|>", "<|endoftext|>"
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 CHAT_TOKENS = (EOS, IM_START, IM_END, THINK_OPEN, THINK_CLOSE)
 STOP_TOKENS = (IM_END, EOS)
+_THINK_SPLIT = re.compile(f"({re.escape(THINK_OPEN)}|{re.escape(THINK_CLOSE)})")
 
 # The same template for Hugging Face tokenizers (tokenizer_config.json "chat_template");
 # tests/test_chat_template.py checks that transformers' apply_chat_template renders exactly `render()`.
@@ -66,32 +72,59 @@ def _check(messages) -> None:
             raise FurnaceError(f"chat message {i}: only assistant messages may carry 'reasoning' (this one is {role})")
 
 
-def segments(messages, add_generation_prompt: bool = False) -> list[tuple[str, bool]]:
-    """Text pieces of the rendered conversation with a flag: True = trained (assistant reply + <|im_end|>).
-    `"".join(text for text, _ in segments(m, g)) == render(m, g)`."""
+def _parts(messages, add_generation_prompt: bool) -> list[tuple[list[tuple[str, bool]], bool]]:
+    """Per segment: its pieces as (text, is the template's own <|im_start|>/<|im_end|> marker), and whether
+    the segment is trained. Only markers the template writes become control tokens (see encode_chat_segments)."""
     _check(messages)
-    out: list[tuple[str, bool]] = []
+    out: list[tuple[list[tuple[str, bool]], bool]] = []
     for m in messages:
         role = m["role"]
         if role != "assistant":
-            out.append((f"{IM_START}{role}\n{m['content']}{IM_END}\n", False))
+            out.append(([(IM_START, True), (f"{role}\n{m['content']}", False), (IM_END, True), ("\n", False)], False))
             continue
-        out.append((f"{IM_START}assistant\n", False))
+        out.append(([(IM_START, True), ("assistant\n", False)], False))
         think = f"{THINK_OPEN}\n{m['reasoning']}\n{THINK_CLOSE}\n" if m.get("reasoning") else ""
-        out.append((f"{think}{m['content']}{IM_END}", True))
-        out.append(("\n", False))
+        out.append(([(f"{think}{m['content']}", False), (IM_END, True)], True))
+        out.append(([("\n", False)], False))
     if add_generation_prompt:
-        out.append((f"{IM_START}assistant\n", False))
+        out.append(([(IM_START, True), ("assistant\n", False)], False))
     return out
+
+
+def segments(messages, add_generation_prompt: bool = False) -> list[tuple[str, bool]]:
+    """Text pieces of the rendered conversation with a flag: True = trained (assistant reply + <|im_end|>).
+    `"".join(text for text, _ in segments(m, g)) == render(m, g)`."""
+    return [("".join(t for t, _ in parts), trainable) for parts, trainable in _parts(messages, add_generation_prompt)]
 
 
 def render(messages, add_generation_prompt: bool = False) -> str:
     return "".join(text for text, _ in segments(messages, add_generation_prompt))
 
 
+def _encode_text(tokenizer, text: str) -> list[int]:
+    """Message text: <think> / </think> stay control tokens (reasoning written inline); <|im_start|>, <|im_end|>
+    and <|endoftext|> typed by a user are escaped: tokenized as the plain characters they are."""
+    ids: list[int] = []
+    for piece in _THINK_SPLIT.split(text):
+        if not piece:
+            continue
+        tid = tokenizer.token_id(piece) if piece in (THINK_OPEN, THINK_CLOSE) else None
+        ids.extend([tid] if tid is not None else tokenizer.encode_ordinary(piece))
+    return ids
+
+
 def encode_chat_segments(tokenizer, messages, add_generation_prompt: bool = False) -> list[tuple[list[int], bool]]:
-    """Token ids per segment (same flags as `segments`)."""
-    return [(tokenizer.encode(text), trainable) for text, trainable in segments(messages, add_generation_prompt)]
+    """Token ids per segment (same flags as `segments`). Only the template's own markers become
+    <|im_start|> / <|im_end|> ids: the same strings inside a message are escaped (plain text), so a user
+    cannot close a turn or open an assistant turn by typing them."""
+    out = []
+    for parts, trainable in _parts(messages, add_generation_prompt):
+        ids: list[int] = []
+        for text, marker in parts:
+            tid = tokenizer.token_id(text) if marker else None
+            ids.extend([tid] if tid is not None else _encode_text(tokenizer, text))
+        out.append((ids, trainable))
+    return out
 
 
 def encode_chat(tokenizer, messages, add_generation_prompt: bool = False) -> list[int]:

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from data.build import MANIFEST_FILE, read_manifest
-from data.shards import HEADER_BYTES, read_header
+from data.shards import HEADER_BYTES, read_header, shard_tokenizer_sha256
 from data.tokenizer import TOKENIZER_FILE, load_tokenizer
 from kernels.common import FurnaceError
 
@@ -66,6 +66,38 @@ def check_tokenizer_match(data_sha: str | None, other_sha: str | None, data_desc
         raise FurnaceError(f"tokenizer mismatch: {data_desc} was tokenized with tokenizer {data_sha[:12]}, but "
                            f"{other_desc} uses tokenizer {other_sha[:12]}; prepare the data with that tokenizer "
                            f"(data/prepare.py --tokenizer PATH/tokenizer.json) or train from scratch on this data")
+
+
+SAMPLE_TOKENS = 1 << 16  # tokens read from the start of each shard when it is opened
+
+
+def check_shard(p: Path, count: int, dt: np.dtype, manifest: dict) -> None:
+    """The open-time checks past header and size: [tokenizer check] (the hash in the shard's header against
+    the folder's tokenizer), [width check] (header dtype against the manifest's; a uint32 payload under a
+    uint16 header shows as every second token being 0) and [ids check] on the first SAMPLE_TOKENS tokens."""
+    folder_sha = manifest.get("tokenizer_sha256")
+    sha = shard_tokenizer_sha256(p)
+    if sha is not None and sha != folder_sha:
+        raise FurnaceError(f"shard {p} [tokenizer check]: made with tokenizer {sha[:12]}, but its folder's tokenizer is "
+                           f"{str(folder_sha)[:12]}; it belongs to another data folder: remove it or prepare the "
+                           f"data again")
+    want = manifest.get("dtype")
+    if want and want != dt.name:
+        raise FurnaceError(f"shard {p} [width check]: header says {dt.name} tokens, {MANIFEST_FILE} says {want}; "
+                           f"the shard was written by another run: prepare the data again")
+    n = min(count, SAMPLE_TOKENS)
+    if n == 0:
+        return
+    sample = np.fromfile(p, dtype=dt.newbyteorder("<"), count=n, offset=HEADER_BYTES)
+    if dt.itemsize == 2 and n >= 256 and not sample[1::2].any():
+        raise FurnaceError(f"shard {p} [width check]: every second uint16 token of the first {n} is 0, the mark of "
+                           f"uint32 tokens under a uint16 header; the shard is damaged: prepare the data again")
+    vocab = manifest.get("vocab_size")
+    if vocab and int(sample.max()) >= vocab:
+        at = int(np.argmax(sample >= vocab))
+        raise FurnaceError(f"shard {p} [ids check]: token id {int(sample[at])} at token offset {at} (byte "
+                           f"{HEADER_BYTES + at * dt.itemsize}) is outside the tokenizer's vocabulary of {vocab}; "
+                           f"the shard is damaged or from another tokenizer")
 
 
 def folder_manifest(data_dir: Path) -> dict:
@@ -159,10 +191,11 @@ class TokenLoader:
             if not p.is_file():
                 raise FurnaceError(f"data folder {d}: {MANIFEST_FILE} lists {e['file']} but the file is missing; "
                                    f"prepare the data again")
-            n, dt = read_header(p)
+            n, dt = read_header(p)  # [header check], [size check]
             if e["tokens"] is not None and n != e["tokens"]:
-                raise FurnaceError(f"shard {p}: holds {n} tokens but {MANIFEST_FILE} says {e['tokens']}; the folder "
-                                   f"is damaged or mixed from two runs: prepare it again")
+                raise FurnaceError(f"shard {p} [manifest check]: holds {n} tokens but {MANIFEST_FILE} says "
+                                   f"{e['tokens']}; the folder is damaged or mixed from two runs: prepare it again")
+            check_shard(p, n, dt, m)
             paths.append(p)
             counts.append(n)
             dts.add(dt)
@@ -241,6 +274,7 @@ class TokenLoader:
     def _produce(self, out: np.ndarray) -> None:
         """Fill `out` (B, T + 1) with the next windows and advance the state by one batch."""
         n = self.T + 1
+        where = []  # (source, shard, first token) per row, for the ids check's message
         for row, si in enumerate(self._rows_sources()):
             s = self.sources[si]
             s.open()
@@ -251,6 +285,15 @@ class TokenLoader:
                 raise FurnaceError(f"shard {s.paths[shard]}: short read at token {start} (file changed or truncated "
                                    f"while training?)")
             out[row] = np.frombuffer(raw, dtype=s.dtype)
+            where.append((s, shard, start))
+        vocab = self.sources[0].manifest.get("vocab_size")  # one tokenizer for all sources (checked at open)
+        if vocab and int(out.max()) >= vocab:  # [ids check], every batch: one max over it
+            row = int(np.argmax((out >= vocab).any(axis=1)))
+            s, shard, start = where[row]
+            at = start + int(np.argmax(out[row] >= vocab))
+            raise FurnaceError(f"shard {s.paths[shard]} [ids check]: token id {int(out[row, at - start])} at token "
+                               f"offset {at} (byte {HEADER_BYTES + at * s.itemsize}) is outside the tokenizer's "
+                               f"vocabulary of {vocab}; the shard is damaged or from another tokenizer")
         self.step += 1
 
     def _new_buffer(self) -> torch.Tensor:

@@ -1,7 +1,8 @@
 """Token shards in llm.c / modded-nanogpt `.bin` layout.
 
 A shard is a 256 x int32 little-endian header (1024 bytes) followed by the tokens:
-    header[0] = magic, header[1] = version, header[2] = token count, the rest zero.
+    header[0] = magic, header[1] = version, header[2] = token count,
+    header[3:11] = SHA-256 of the tokenizer that made the tokens (Furnace only; zero = not recorded), rest zero.
     magic 20240520, version 1 -> uint16 tokens (GPT-2 era layout, vocabularies up to 65536)
     magic 20240801, version 7 -> uint32 tokens (llm.c's Llama-3 layout, larger vocabularies)
 Shards written by llm.c's and modded-nanogpt's FineWeb scripts are read as they are.
@@ -18,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from kernels.common import FurnaceError
+from model.fileio import atomic_open, disk_full_guard
 
 HEADER_INTS = 256
 HEADER_BYTES = HEADER_INTS * 4
@@ -33,13 +35,26 @@ def dtype_for_vocab(vocab_size: int) -> str:
     return "uint16" if vocab_size <= 2**16 else "uint32"
 
 
-def make_header(count: int, dtype: str = "uint16") -> np.ndarray:
+SHA_SLOTS = slice(3, 11)  # 8 int32 = the 32 bytes of a SHA-256; llm.c readers ignore them
+
+
+def make_header(count: int, dtype: str = "uint16", tokenizer_sha256: str | None = None) -> np.ndarray:
     if dtype not in LAYOUTS:
         raise FurnaceError(f"shard dtype {dtype!r}: expected one of {sorted(LAYOUTS)}")
     magic, version = LAYOUTS[dtype]
     header = np.zeros(HEADER_INTS, dtype="<i4")
     header[0], header[1], header[2] = magic, version, count
+    if tokenizer_sha256:
+        header[SHA_SLOTS] = np.frombuffer(bytes.fromhex(tokenizer_sha256), dtype="<i4")
     return header
+
+
+def shard_tokenizer_sha256(path: str | os.PathLike) -> str | None:
+    """The tokenizer hash recorded in a shard's header, or None (llm.c shards and older Furnace ones)."""
+    with open(path, "rb") as f:
+        raw = f.read(HEADER_BYTES)
+    sha = np.frombuffer(raw, dtype="<i4")[SHA_SLOTS].tobytes()
+    return sha.hex() if any(sha) else None
 
 
 def check_ids(tokens: np.ndarray, dtype: str, where: str) -> None:
@@ -57,36 +72,42 @@ def check_ids(tokens: np.ndarray, dtype: str, where: str) -> None:
 class ShardWriter:
     """Stream tokens into one shard: `append` arrays, then `close()` (atomic) or `abort()`."""
 
-    def __init__(self, path: str | os.PathLike, dtype: str = "uint16"):
+    def __init__(self, path: str | os.PathLike, dtype: str = "uint16", tokenizer_sha256: str | None = None):
         self.path = Path(path)
-        self.dtype = dtype
-        make_header(0, dtype)  # validates dtype
-        self.tmp = self.path.with_name(f".{self.path.name}.tmp{os.getpid()}")
-        self.f = open(self.tmp, "wb")
-        self.f.write(b"\0" * HEADER_BYTES)  # placeholder: an all-zero header has no valid magic
+        self.dtype, self.tokenizer_sha256 = dtype, tokenizer_sha256
+        make_header(0, dtype, tokenizer_sha256)  # validates dtype and hash
+        self._atomic = atomic_open(self.path, "wb")  # closed by close() (replaces path) or abort() (removed)
+        self.f = self._atomic.__enter__()
         self.count = 0
+        self._write(b"\0" * HEADER_BYTES)  # placeholder: an all-zero header has no valid magic
+
+    def _write(self, data: bytes) -> None:
+        try:
+            with disk_full_guard(self.path):
+                self.f.write(data)
+        except BaseException as e:
+            self._atomic.__exit__(type(e), e, e.__traceback__)  # removes the partial file
+            raise
 
     def append(self, tokens) -> None:
         arr = np.asarray(tokens)
         check_ids(arr, self.dtype, str(self.path))
-        self.f.write(arr.astype(np.dtype(self.dtype).newbyteorder("<"), copy=False).tobytes())
+        self._write(arr.astype(np.dtype(self.dtype).newbyteorder("<"), copy=False).tobytes())
         self.count += int(arr.size)
 
     def close(self) -> Path:
         self.f.seek(0)
-        self.f.write(make_header(self.count, self.dtype).tobytes())
-        self.f.flush()
-        os.fsync(self.f.fileno())
-        self.f.close()
-        os.replace(self.tmp, self.path)
+        self._write(make_header(self.count, self.dtype, self.tokenizer_sha256).tobytes())
+        self._atomic.__exit__(None, None, None)  # flush, fsync, rename
         return self.path
 
     def abort(self) -> None:
-        self.f.close()
-        self.tmp.unlink(missing_ok=True)
+        if not self.f.closed:
+            err = RuntimeError("shard writer aborted")
+            self._atomic.__exit__(RuntimeError, err, None)
 
 
-def write_shard(path: str | os.PathLike, tokens, dtype: str | None = None) -> Path:
+def write_shard(path: str | os.PathLike, tokens, dtype: str | None = None, tokenizer_sha256: str | None = None) -> Path:
     """Write `tokens` (any int array-like) as one shard. `dtype` None picks uint16 when every id
     fits, else uint32; an explicit 'uint16' refuses ids >= 65536 with a FurnaceError."""
     arr = np.asarray(tokens)
@@ -95,7 +116,7 @@ def write_shard(path: str | os.PathLike, tokens, dtype: str | None = None) -> Pa
                            f"dtype {arr.dtype}")
     if dtype is None:
         dtype = "uint16" if arr.size == 0 or int(arr.max()) < 2**16 else "uint32"
-    w = ShardWriter(path, dtype)
+    w = ShardWriter(path, dtype, tokenizer_sha256)
     try:
         w.append(arr)
     except BaseException:
@@ -114,21 +135,21 @@ def read_header(path: str | os.PathLike) -> tuple[int, np.dtype]:
     except OSError as e:
         raise FurnaceError(f"shard {p}: cannot read ({e.strerror or e})") from None
     if len(raw) < HEADER_BYTES:
-        raise FurnaceError(f"shard {p}: {size} bytes, shorter than the {HEADER_BYTES}-byte header; the file is "
+        raise FurnaceError(f"shard {p} [size check]: {size} bytes, shorter than the {HEADER_BYTES}-byte header; the file is "
                            f"truncated or not a token shard (re-run data/prepare.py; for a headerless "
                            f"nanoGPT train.bin use --raw-uint16)")
     header = np.frombuffer(raw, dtype="<i4")
     magic, version, count = int(header[0]), int(header[1]), int(header[2])
     if magic not in _BY_MAGIC:
-        raise FurnaceError(f"shard {p}: wrong magic number {magic}, expected 20240520 (uint16 tokens) or "
+        raise FurnaceError(f"shard {p} [header check]: wrong magic number {magic}, expected 20240520 (uint16 tokens) or "
                            f"20240801 (uint32 tokens); not an llm.c-format shard, or an unfinished one "
                            f"(for a headerless nanoGPT train.bin use --raw-uint16)")
     want_version, dt = _BY_MAGIC[magic]
     if version != want_version:
-        raise FurnaceError(f"shard {p}: magic {magic} expects version {want_version}, found version {version}")
+        raise FurnaceError(f"shard {p} [header check]: magic {magic} expects version {want_version}, found version {version}")
     expected = HEADER_BYTES + count * dt.itemsize
     if count < 0 or size != expected:
-        raise FurnaceError(f"shard {p}: header says {count} {dt.name} tokens, so the file should be {expected} "
+        raise FurnaceError(f"shard {p} [size check]: header says {count} {dt.name} tokens, so the file should be {expected} "
                            f"bytes, but it is {size} bytes (truncated or damaged: prepare the data again)")
     return count, dt
 

@@ -23,6 +23,7 @@ from tokenizers import AddedToken, decoders, models, pre_tokenizers, trainers
 from tokenizers import Tokenizer as HFTokenizer
 
 from kernels.common import FurnaceError
+from model.fileio import atomic_write
 
 log = logging.getLogger("furnace")
 
@@ -100,14 +101,10 @@ class Tokenizer:
         return self._sha
 
     def save(self, directory: str | os.PathLike) -> Path:
-        """Write `directory/tokenizer.json` atomically (temporary name, then rename)."""
+        """Write `directory/tokenizer.json` atomically."""
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
-        out = d / TOKENIZER_FILE
-        tmp = d / f".{TOKENIZER_FILE}.tmp{os.getpid()}"
-        tmp.write_text(self.hf.to_str(pretty=True), encoding="utf-8")
-        os.replace(tmp, out)
-        return out
+        return atomic_write(d / TOKENIZER_FILE, self.hf.to_str(pretty=True))
 
     def __repr__(self) -> str:
         return f"Tokenizer(vocab_size={self.vocab_size}, source={self.source!r}, sha256={self.sha256[:12]})"

@@ -25,7 +25,6 @@ import json  # noqa: E402
 import logging  # noqa: E402
 import math  # noqa: E402
 import os  # noqa: E402
-import shutil  # noqa: E402
 from typing import TYPE_CHECKING  # noqa: E402
 
 from kernels.common import FurnaceError, run_cli  # noqa: E402
@@ -142,7 +141,7 @@ def export_hf(model: GPT, out: str | os.PathLike, tokenizer=None, dtype: str = "
     from safetensors.torch import save_file
 
     from data.chat_template import EOS
-    from model.io import umask_mode
+    from model.fileio import atomic_dir
     if dtype not in DTYPES:
         raise FurnaceError(f"--dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
     dtype_name = DTYPES[dtype]
@@ -157,23 +156,13 @@ def export_hf(model: GPT, out: str | os.PathLike, tokenizer=None, dtype: str = "
                            f"vocab_size={cfg.vocab_size}; pass the tokenizer the model was trained with")
     eos = tokenizer.token_id(EOS) if tokenizer is not None else None
     conf = hf_config(cfg, dtype_name, eos_id=eos)
-    tmp = out.parent / f".{out.name}.tmp{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
+    with atomic_dir(out) as tmp:  # `out` is absent or empty (checked above)
         (tmp / "config.json").write_text(json.dumps(conf, indent=2) + "\n")
         save_file(hf_state_dict(model, torch_dtype), str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        umask_mode(tmp / "model.safetensors")
         if tokenizer is not None:
             tokenizer.save(tmp)
             for name, obj in tokenizer_files(tokenizer, cfg).items():
                 (tmp / name).write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
-        if out.exists():
-            out.rmdir()  # empty (checked above)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 

@@ -96,13 +96,6 @@ def liger_module():
     return functional
 
 
-def num_programs(x: torch.Tensor) -> int:
-    """Persistent-grid size for reductions across rows: a few per SM on CUDA, a handful in the interpreter."""
-    if x.is_cuda:
-        return 4 * torch.cuda.get_device_properties(x.device).multi_processor_count
-    return 4
-
-
 def rows_2d(x: torch.Tensor) -> torch.Tensor:
     """(..., D) -> (M, D) with unit stride along D (a copy only when needed). # (M, D)"""
     x2 = x.reshape(-1, x.shape[-1])

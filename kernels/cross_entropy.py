@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from kernels._dispatch import liger_module, resolve, tl, to_out, triton
+from kernels.launch import Launch, Target, cdiv, next_power_of_2, target_of
 
 
 def cross_entropy_ref(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100,
@@ -68,9 +69,24 @@ def _cross_entropy_fwd_kernel(X, TGT, LOSS, DX, N_VALID, N, V, stride_x, stride_
             tl.store(dx_rows + cols, to_out(g, DX.dtype.element_ty), mask=mask)
 
 
+# ----------------------------------------------------------------------------- launch configs
+def cross_entropy_config(N: int, V: int, target: Target, write_grad: bool = True) -> Launch:
+    """N rows of V logits. CUDA: tiles of 4,096 logits (one row per program from V = 4,096 up, several
+    short rows below), whatever N is; the interpreter: up to 65,536 per tile, 16,384 per row."""
+    if target.interpreted:
+        BLOCK_V = min(next_power_of_2(V), 16384)
+        BLOCK_N = max(1, min((1 << 16) // BLOCK_V, next_power_of_2(max(N, 1))))
+    else:
+        BLOCK_V = min(next_power_of_2(V), 4096)
+        BLOCK_N = max(1, 4096 // BLOCK_V)
+    return Launch((cdiv(N, BLOCK_N),), dict(WRITE_GRAD=write_grad, BLOCK_N=BLOCK_N, BLOCK_V=BLOCK_V),
+                  num_warps=8 if BLOCK_N * BLOCK_V >= 2048 else 4)
+
+
 # ----------------------------------------------------------------------------- launchers
 def cross_entropy_fwd(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int, z_loss: float,
-                      n_valid: torch.Tensor, write_grad: bool, grad_out: torch.Tensor | None = None):
+                      n_valid: torch.Tensor, write_grad: bool, grad_out: torch.Tensor | None = None,
+                      target: Target | None = None):
     """logits: (N, V) with unit stride along V; n_valid: int tensor () = rows counted by the mean (it may
     cover more rows than these, as in the chunked linear+CE). Writes the gradient into grad_out
     (N, V) (default: a new tensor; `logits` itself for in-place) when write_grad.
@@ -80,15 +96,10 @@ def cross_entropy_fwd(logits: torch.Tensor, targets: torch.Tensor, ignore_index:
     grad = None
     if write_grad:
         grad = grad_out if grad_out is not None else torch.empty((N, V), dtype=logits.dtype, device=logits.device)
-    budget = 4096 if logits.is_cuda else 1 << 16                         # elements per tile
-    BLOCK_V = min(triton.next_power_of_2(V), budget if logits.is_cuda else 16384)
-    BLOCK_N = max(1, min(budget // BLOCK_V, triton.next_power_of_2(max(N, 1))))
     if N:
-        _cross_entropy_fwd_kernel[(triton.cdiv(N, BLOCK_N),)](
-            logits, targets, loss_rows, grad if grad is not None else logits, n_valid, N, V,
-            logits.stride(0), grad.stride(0) if grad is not None else 0, ignore_index, z_loss,
-            WRITE_GRAD=write_grad, BLOCK_N=BLOCK_N, BLOCK_V=BLOCK_V,
-            num_warps=8 if BLOCK_N * BLOCK_V >= 2048 else 4)
+        launch = cross_entropy_config(N, V, target or target_of(logits), write_grad)
+        launch(_cross_entropy_fwd_kernel, logits, targets, loss_rows, grad if grad is not None else logits,
+               n_valid, N, V, logits.stride(0), grad.stride(0) if grad is not None else 0, ignore_index, z_loss)
     return loss_rows, grad
 
 

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import torch
 
-from kernels._dispatch import liger_module, num_programs, resolve, rows_2d, tl, to_out, triton
+from kernels._dispatch import liger_module, resolve, rows_2d, tl, to_out, triton
+from kernels.launch import Launch, Target, cdiv, next_power_of_2, target_of
 
 
 def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
@@ -62,43 +63,59 @@ def _rms_norm_bwd_kernel(DY, X, W, RSTD, DX, DW_PART, M, N, stride_dy, stride_x,
     tl.store(DW_PART + pid * N + cols, dw, mask=cmask)
 
 
+# ----------------------------------------------------------------------------- launch configs
+MAX_WIDTH = 65536
+
+
+def _tile(M: int, N: int, target: Target) -> tuple[int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps): a whole row per tile, several short rows per program. CUDA: 4,096
+    elements per program whatever M is (one compiled variant per width); the interpreter: up to 65,536."""
+    if N > MAX_WIDTH:
+        raise ValueError(f"rms_norm: width {N} > {MAX_WIDTH} is not supported by the Triton kernel")
+    BLOCK_N = next_power_of_2(N)
+    if target.interpreted:
+        BLOCK_M = max(1, min(65536 // BLOCK_N, next_power_of_2(M)))
+    else:
+        BLOCK_M = max(1, 4096 // BLOCK_N)
+    return BLOCK_M, BLOCK_N, 8 if BLOCK_M * BLOCK_N >= 4096 else 4
+
+
+def rms_norm_fwd_config(M: int, N: int, target: Target) -> Launch:
+    """x: (M, N) rows -> the forward launch: one program per BLOCK_M rows."""
+    BLOCK_M, BLOCK_N, num_warps = _tile(M, N, target)
+    return Launch((cdiv(M, BLOCK_M),), dict(BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N), num_warps)
+
+
+def rms_norm_bwd_config(M: int, N: int, target: Target) -> Launch:
+    """The backward launch: a persistent grid of 4 programs per SM (at most one per row block)."""
+    BLOCK_M, BLOCK_N, num_warps = _tile(M, N, target)
+    G = max(1, min(4 * target.num_sms, cdiv(M, BLOCK_M)))
+    return Launch((G,), dict(BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N), num_warps)
+
+
 # ----------------------------------------------------------------------------- launchers
-def _blocks(x2: torch.Tensor) -> tuple[int, int, int]:
-    """(BLOCK_M, BLOCK_N, num_warps): a whole row per tile; several short rows per program."""
-    M, N = x2.shape
-    BLOCK_N = triton.next_power_of_2(N)
-    if BLOCK_N > 65536:
-        raise ValueError(f"rms_norm: width {N} > 65536 is not supported by the Triton kernel")
-    budget = 4096 if x2.is_cuda else 65536         # elements per program (the interpreter likes big tiles)
-    BLOCK_M = max(1, min(budget // BLOCK_N, triton.next_power_of_2(M)))
-    num_warps = 8 if BLOCK_M * BLOCK_N >= 4096 else 4
-    return BLOCK_M, BLOCK_N, num_warps
-
-
-def rms_norm_fwd(x: torch.Tensor, weight: torch.Tensor, eps: float):
-    """x: (..., D) -> y (same shape, x.dtype), rstd (M,) fp32, x2 (M, D) the rows it read."""
+def rms_norm_fwd(x: torch.Tensor, weight: torch.Tensor, eps: float, target: Target | None = None):
+    """x: (..., D) -> y (same shape, x.dtype), rstd (M,) fp32, x2 (M, D) the rows it read.
+    target: default the tensors' own (tests pass a GPU's to run its tiles in the interpreter)."""
     x2 = rows_2d(x)                                                      # (M, D)
     M, N = x2.shape
     y = torch.empty((M, N), dtype=x.dtype, device=x.device)
     rstd = torch.empty(M, dtype=torch.float32, device=x.device)
-    BLOCK_M, BLOCK_N, num_warps = _blocks(x2)
-    _rms_norm_fwd_kernel[(triton.cdiv(M, BLOCK_M),)](
-        x2, weight, y, rstd, M, N, x2.stride(0), y.stride(0), eps,
-        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, num_warps=num_warps)
+    launch = rms_norm_fwd_config(M, N, target or target_of(x2))
+    launch(_rms_norm_fwd_kernel, x2, weight, y, rstd, M, N, x2.stride(0), y.stride(0), eps)
     return y.view(x.shape), rstd, x2
 
 
-def rms_norm_bwd(dy: torch.Tensor, x2: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor):
+def rms_norm_bwd(dy: torch.Tensor, x2: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor,
+                 target: Target | None = None):
     """dy: (..., D) -> dx (M, D) in x.dtype, dweight (D,) in weight.dtype (reduced in fp32)."""
     dy2 = rows_2d(dy)                                                    # (M, D)
     M, N = x2.shape
     dx = torch.empty_like(x2)
-    BLOCK_M, BLOCK_N, num_warps = _blocks(x2)
-    G = max(1, min(num_programs(x2), triton.cdiv(M, BLOCK_M)))
-    dw_part = torch.empty((G, N), dtype=torch.float32, device=x2.device)  # (G, D) fp32 partial sums
-    _rms_norm_bwd_kernel[(G,)](
-        dy2, x2, weight, rstd, dx, dw_part, M, N, dy2.stride(0), x2.stride(0), dx.stride(0),
-        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, num_warps=num_warps)
+    launch = rms_norm_bwd_config(M, N, target or target_of(x2))
+    dw_part = torch.empty((launch.grid[0], N), dtype=torch.float32, device=x2.device)  # (G, D) fp32 partials
+    launch(_rms_norm_bwd_kernel, dy2, x2, weight, rstd, dx, dw_part, M, N, dy2.stride(0), x2.stride(0),
+           dx.stride(0))
     return dx, dw_part.sum(0).to(weight.dtype)
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from kernels._dispatch import liger_module, resolve, tl, to_out, triton
+from kernels.launch import Launch, Target, cdiv, next_power_of_2, target_of
 
 
 def apply_rope_ref(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -64,9 +65,24 @@ def _rope_kernel(X, COS, SIN, Y, DCS, DYX, R, T, H, D2,
         tl.store(base + D2, dsin, mask=m2)
 
 
+# ----------------------------------------------------------------------------- launch configs
+def rope_config(R: int, H: int, D2: int, target: Target, backward: bool = False, cs_grad: bool = False) -> Launch:
+    """R = B*T positions, H heads, D2 = head_dim/2. Half-tiles of 2,048 elements on CUDA whatever R is (one
+    compiled variant per head shape), up to 32,768 in the interpreter."""
+    BLOCK_H, BLOCK_D = next_power_of_2(H), next_power_of_2(D2)
+    if target.interpreted:
+        BLOCK_R = max(1, min((1 << 15) // (BLOCK_H * BLOCK_D), next_power_of_2(R)))
+    else:
+        BLOCK_R = max(1, 2048 // (BLOCK_H * BLOCK_D))
+    # 8 warps from 2,048-element half-tiles: with 4, fp32 on sm_90 spilled (bench/kernel_compile.py)
+    num_warps = 8 if BLOCK_R * BLOCK_H * BLOCK_D >= 2048 else 4
+    return Launch((cdiv(R, BLOCK_R),), dict(BACKWARD=backward, CS_GRAD=cs_grad, BLOCK_R=BLOCK_R,
+                                            BLOCK_H=BLOCK_H, BLOCK_D=BLOCK_D), num_warps=num_warps)
+
+
 # ----------------------------------------------------------------------------- launchers
 def rope_launch(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backward: bool = False,
-                x_saved: torch.Tensor | None = None):
+                x_saved: torch.Tensor | None = None, target: Target | None = None):
     """Rotate x (B, T, H, D) by +theta (forward) or -theta (backward, x = dy). Returns a contiguous
     (B, T, H, D) tensor; with x_saved (the forward input, backward only) also the fp32 (T, D/2) grads of
     cos and sin."""
@@ -77,15 +93,11 @@ def rope_launch(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backward:
     y = torch.empty((B, T, H, D), dtype=x.dtype, device=x.device)
     dcs = (torch.empty((B, T, 2, D2), dtype=torch.float32, device=x.device)  # (B, T, [cos|sin], D/2)
            if x_saved is not None else y)
-    BLOCK_H, BLOCK_D = triton.next_power_of_2(H), triton.next_power_of_2(D2)
-    budget = 2048 if x.is_cuda else 1 << 15                               # elements per half-tile
-    BLOCK_R = max(1, min(budget // (BLOCK_H * BLOCK_D), triton.next_power_of_2(B * T)))
     cos = cos if cos.stride(-1) == 1 else cos.contiguous()
     sin = sin if sin.stride(-1) == 1 else sin.contiguous()
-    _rope_kernel[(triton.cdiv(B * T, BLOCK_R),)](
-        x, cos, sin, y, dcs, x_saved if x_saved is not None else x, B * T, T, H, D2,
-        *x.stride(), *y.stride(), cos.stride(0), sin.stride(0), BACKWARD=backward, CS_GRAD=x_saved is not None,
-        BLOCK_R=BLOCK_R, BLOCK_H=BLOCK_H, BLOCK_D=BLOCK_D, num_warps=4)
+    launch = rope_config(B * T, H, D2, target or target_of(x), backward, x_saved is not None)
+    launch(_rope_kernel, x, cos, sin, y, dcs, x_saved if x_saved is not None else x, B * T, T, H, D2,
+           *x.stride(), *y.stride(), cos.stride(0), sin.stride(0))
     if x_saved is None:
         return y, None, None
     dcs = dcs.sum(0)                                                      # (T, 2, D/2) fp32

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from kernels._dispatch import liger_module, resolve, tl, to_out, triton
+from kernels.launch import Launch, Target, cdiv, target_of
 
 
 def swiglu_ref(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
@@ -40,24 +41,25 @@ def _swiglu_bwd_kernel(DY, G, U, DG, DU, n, BLOCK: tl.constexpr):
     tl.store(DU + offs, to_out(dy * g * s, DU.dtype.element_ty), mask=mask)
 
 
+# ----------------------------------------------------------------------------- launch configs
+def swiglu_config(n: int, target: Target) -> Launch:
+    """n elements, flat: 1,024 per program on CUDA; the interpreter runs one program at a time: 65,536."""
+    BLOCK = 1 << 16 if target.interpreted else 1024
+    return Launch((cdiv(n, BLOCK),), dict(BLOCK=BLOCK), num_warps=4)
+
+
 # ----------------------------------------------------------------------------- launchers
-def _block(x: torch.Tensor) -> int:
-    return 1024 if x.is_cuda else 1 << 16          # the interpreter runs one program at a time: big tiles
-
-
-def swiglu_fwd(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+def swiglu_fwd(gate: torch.Tensor, up: torch.Tensor, target: Target | None = None) -> torch.Tensor:
     g, u = gate.contiguous(), up.contiguous()      # elementwise over the flat buffer
     y = torch.empty(g.shape, dtype=gate.dtype, device=g.device)
-    n, BLOCK = g.numel(), _block(g)
-    _swiglu_fwd_kernel[(triton.cdiv(n, BLOCK),)](g, u, y, n, BLOCK=BLOCK, num_warps=4)
+    swiglu_config(g.numel(), target or target_of(g))(_swiglu_fwd_kernel, g, u, y, g.numel())
     return y
 
 
-def swiglu_bwd(dy: torch.Tensor, g: torch.Tensor, u: torch.Tensor):
+def swiglu_bwd(dy: torch.Tensor, g: torch.Tensor, u: torch.Tensor, target: Target | None = None):
     dy = dy.contiguous()
     dg, du = torch.empty_like(g), torch.empty_like(u)
-    n, BLOCK = g.numel(), _block(g)
-    _swiglu_bwd_kernel[(triton.cdiv(n, BLOCK),)](dy, g, u, dg, du, n, BLOCK=BLOCK, num_warps=4)
+    swiglu_config(g.numel(), target or target_of(g))(_swiglu_bwd_kernel, dy, g, u, dg, du, g.numel())
     return dg, du
 
 

@@ -34,13 +34,22 @@ _FLASH_ATTN, _FLASH_ATTN_WHY = _load_flash_attn()
 
 
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                     doc_ids: torch.Tensor | None = None) -> torch.Tensor:
+                     doc_ids: torch.Tensor | None = None, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
     """q: (B, Tq, H, hd); k, v: (B, Tk, Hkv, hd) with Tk >= Tq; query i sits at position Tk-Tq+i.
     doc_ids: optional (B, T) ids of the packed document each position belongs to (Tq == Tk): a query
     then attends only to earlier positions of its own document (document masking).
+    attn_mask: optional (B, 1, Tq, Tk) bool, True = may attend, used instead of the causal rule (rows of a
+    continuous batch sit at different positions).
     Returns (B, Tq, H, hd)."""
     B, Tq, H, hd = q.shape
     Tk, Hkv = k.shape[1], k.shape[2]
+    if attn_mask is not None:
+        kt, vt = k.transpose(1, 2), v.transpose(1, 2)                          # (B, Hkv, Tk, hd)
+        if Tq == 1:  # the grouped one-query form of the decode path below, with the mask broadcast over g
+            qg = q.reshape(B, Hkv, H // Hkv, hd)                               # (B, Hkv, g, hd)
+            return F.scaled_dot_product_attention(qg, kt, vt, attn_mask=attn_mask).reshape(B, 1, H, hd)
+        y = F.scaled_dot_product_attention(q.transpose(1, 2), kt, vt, attn_mask=attn_mask, enable_gqa=bool(Hkv != H))
+        return y.transpose(1, 2)                                               # (B, Tq, H, hd)
     if doc_ids is not None:
         qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H|Hkv, T, hd)
         causal = torch.ones(Tq, Tk, dtype=torch.bool, device=q.device).tril()

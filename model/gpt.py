@@ -59,6 +59,29 @@ class KVCache:
             cv[:B].index_copy_(1, idx, v)
         return ck[:B, :self.pos + T], cv[:B, :self.pos + T]
 
+    def write_rows(self, layer: int, k: torch.Tensor, v: torch.Tensor, p: torch.Tensor, Tk: int):
+        """Rows at different positions (continuous batching): store row b's k, v (B, T, Hkv, hd) at positions
+        p[b] (p: (B, T) int64); return the first B rows' keys and values for positions 0..Tk-1 (views)."""
+        B, T = k.shape[:2]
+        b = torch.arange(B, device=k.device)[:, None].expand(B, T)                 # (B, T)
+        ck, cv = self.k[layer][:B], self.v[layer][:B]
+        ck.index_put_((b, p), k)
+        cv.index_put_((b, p), v)
+        return ck[:, :Tk], cv[:, :Tk]
+
+    def rows(self, start: int, stop: int) -> "KVCache":
+        """A cache over rows start..stop-1 that shares this one's storage (views), at position 0."""
+        view = KVCache.__new__(KVCache)
+        view.k = [t[start:stop] for t in self.k]
+        view.v = [t[start:stop] for t in self.v]
+        view.max_len, view.pos = self.max_len, 0
+        return view
+
+    def copy_row(self, src: int, dst: int, n: int) -> None:
+        """Copy row src's first n positions to row dst (moves a sequence to another slot)."""
+        for t in self.k + self.v:
+            t[dst, :n] = t[src, :n]
+
     def reset(self):
         self.pos = 0
 
@@ -75,7 +98,9 @@ class Attention(nn.Module):
         if cfg.qk_norm:
             self.q_norm, self.k_norm = RMSNorm(hd, cfg), RMSNorm(hd, cfg)
 
-    def forward(self, x, cos, sin, cache: KVCache | None = None, doc_ids=None):
+    def forward(self, x, cos, sin, cache: KVCache | None = None, doc_ids=None, rows=None):
+        """rows: (p (B, T) positions, mask (B, 1, T, Tk)) when the rows sit at different positions
+        (GPT.hidden_states' row_pos); cos, sin are then (B, T, hd/2)."""
         B, T, _ = x.shape
         cfg, impl = self.cfg, self.cfg.kernels
         q, k, v = self.project(x)
@@ -84,17 +109,31 @@ class Attention(nn.Module):
         v = v.view(B, T, cfg.n_kv_head, cfg.head_dim)                   # (B, T, Hkv, hd)
         if cfg.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
-        q = apply_rope(q, cos, sin, impl=impl)
-        k = apply_rope(k, cos, sin, impl=impl)
+        q, k = _rope(q, cos, sin, impl), _rope(k, cos, sin, impl)
+        if rows is not None:
+            p, mask = rows
+            k, v = cache.write_rows(self.layer, k, v, p, mask.shape[-1])      # (B, Tk, Hkv, hd) each
+            y = causal_attention(q, k, v, attn_mask=mask)                     # (B, T, H, hd)
+            return self.o_proj(y.reshape(B, T, cfg.n_embd))
         if cache is not None:
             k, v = cache.write(self.layer, k, v)                       # (B, pos+T, Hkv, hd) each
         y = causal_attention(q, k, v, doc_ids)                         # (B, T, H, hd)
         return self.o_proj(y.reshape(B, T, cfg.n_embd))
 
-
     def project(self, x):
         """x (B, T, d) -> q (B, T, d), k and v (B, T, kv_dim). infer.quant swaps in a fused subclass."""
         return self.q_proj(x), self.k_proj(x), self.v_proj(x)
+
+
+def _rope(x, cos, sin, impl):
+    """x: (B, T, H, hd); cos, sin: (T, hd/2) shared by all rows, or (B, T, hd/2) per row (rows at different
+    positions: the B*T positions then go through the kernel as one sequence)."""
+    if cos.dim() == 2:
+        return apply_rope(x, cos, sin, impl=impl)
+    B, T = x.shape[:2]
+    y = apply_rope(x.reshape(1, B * T, *x.shape[2:]), cos.reshape(B * T, -1), sin.reshape(B * T, -1),
+                   impl=impl)                                                   # (1, B*T, H, hd)
+    return y.view(x.shape)
 
 
 class MLP(nn.Module):
@@ -123,8 +162,8 @@ class Block(nn.Module):
         self.mlp_norm = RMSNorm(cfg.n_embd, cfg)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin, cache=None, doc_ids=None):
-        x = x + self.attn(self.attn_norm(x), cos, sin, cache, doc_ids)
+    def forward(self, x, cos, sin, cache=None, doc_ids=None, rows=None):
+        x = x + self.attn(self.attn_norm(x), cos, sin, cache, doc_ids, rows)
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -178,9 +217,14 @@ class GPT(nn.Module):
         p = self.embed.weight
         return KVCache(self.config, batch_size, max_len or self.config.max_seq_len, p.device, dtype or p.dtype)
 
-    def hidden_states(self, idx: torch.Tensor, cache: KVCache | None = None, doc_ids=None) -> torch.Tensor:
-        """idx: (B, T) int64 -> final-norm hidden states (B, T, d). doc_ids: see forward."""
+    def hidden_states(self, idx: torch.Tensor, cache: KVCache | None = None, doc_ids=None,
+                      row_pos: torch.Tensor | None = None) -> torch.Tensor:
+        """idx: (B, T) int64 -> final-norm hidden states (B, T, d). doc_ids: see forward.
+        row_pos: optional (B,) int64, each row's own start position in `cache` (continuous batching: the
+        cache's first B rows hold sequences of different lengths); `cache.pos` is then neither read nor moved."""
         B, T = idx.shape
+        if row_pos is not None:
+            return self._hidden_states_rows(idx, cache, row_pos)
         start = cache.pos if cache is not None else 0
         if start + T > self.config.max_seq_len:
             raise ValueError(f"sequence of {start + T} positions exceeds max_seq_len={self.config.max_seq_len}")
@@ -192,6 +236,19 @@ class GPT(nn.Module):
             x = block(x, cos, sin, cache, doc_ids)
         if cache is not None:
             cache.pos += T
+        return self.norm(x)
+
+    def _hidden_states_rows(self, idx: torch.Tensor, cache: KVCache, row_pos: torch.Tensor) -> torch.Tensor:
+        B, T = idx.shape
+        p = row_pos.to(idx.device)[:, None] + torch.arange(T, device=idx.device)     # (B, T) positions
+        Tk = int(p.max()) + 1
+        if Tk > min(self.config.max_seq_len, cache.max_len):
+            raise ValueError(f"row positions up to {Tk} exceed the cache ({cache.max_len}) or max_seq_len")
+        cos, sin = self.rope_cos[p], self.rope_sin[p]                                # (B, T, hd/2)
+        mask = p[:, None, :, None] >= torch.arange(Tk, device=idx.device)            # (B, 1, T, Tk)
+        x = self.embed(idx)                                                          # (B, T, d)
+        for block in self.layers:
+            x = block(x, cos, sin, cache, None, (p, mask))
         return self.norm(x)
 
     def forward(self, idx, targets=None, cache: KVCache | None = None, z_loss: float = 0.0,

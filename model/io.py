@@ -16,6 +16,7 @@ from safetensors.torch import load_file, save_file
 
 from model.config import GPTConfig
 from kernels.common import FurnaceError
+from model.fileio import atomic_path, atomic_write, verify_checksums
 from model.gpt import GPT
 
 CONFIG_FILE, WEIGHTS_FILE = "config.json", "model.safetensors"
@@ -54,19 +55,11 @@ def save(model: torch.nn.Module, directory: str | os.PathLike) -> Path:
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
     inner = unwrap(model)
-    (d / CONFIG_FILE).write_text(json.dumps(inner.config.to_dict(), indent=2) + "\n")
-    save_file({k: v.cpu() for k, v in clean_state_dict(inner).items()}, str(d / WEIGHTS_FILE),
-              metadata={"format": "pt", "furnace": "1"})
-    umask_mode(d / WEIGHTS_FILE)
+    atomic_write(d / CONFIG_FILE, json.dumps(inner.config.to_dict(), indent=2) + "\n")
+    with atomic_path(d / WEIGHTS_FILE) as tmp:
+        save_file({k: v.cpu() for k, v in clean_state_dict(inner).items()}, str(tmp),
+                  metadata={"format": "pt", "furnace": "1"})
     return d
-
-
-def umask_mode(path: str | os.PathLike) -> None:
-    """Give a file the permissions the user's umask gives a new file (0644 under umask 022): safetensors
-    writes its files 0600 (its writer creates them private), unlike every other output."""
-    mask = os.umask(0)
-    os.umask(mask)
-    os.chmod(path, 0o666 & ~mask)
 
 
 def checkpoint_step(path: Path) -> int | None:
@@ -123,6 +116,7 @@ def load(path: str | os.PathLike, device="cpu", dtype: torch.dtype | None = None
     wf = ckpt / WEIGHTS_FILE
     if not wf.is_file():
         raise FurnaceError(f"checkpoint {ckpt}: {WEIGHTS_FILE} is missing")
+    verify_checksums(ckpt, names=(CONFIG_FILE, WEIGHTS_FILE))  # a training checkpoint's checksums.json
     try:
         sd = load_file(str(wf))
     except (SafetensorError, OSError, ValueError) as e:
@@ -139,6 +133,10 @@ def load(path: str | os.PathLike, device="cpu", dtype: torch.dtype | None = None
     for k, t in sd.items():
         if tuple(t.shape) != tuple(expected[k].shape):
             raise FurnaceError(f"{wf}: {k} has shape {tuple(t.shape)}, config expects {tuple(expected[k].shape)}")
+    for k, t in sd.items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise FurnaceError(f"{wf}: weight {k} holds NaN or inf (saved from a diverged run?); "
+                               f"use an earlier checkpoint of that run")
     model.load_state_dict(sd, strict=False, assign=True)
     if cfg.tie_embeddings:
         model.lm_head.weight = model.embed.weight

@@ -217,13 +217,12 @@ def read_data(opts: TrainOptions, ft: FinetuneOptions, job: Job, parse_record, b
 def save_tokenizer(tok, run_dir: Path) -> Path:
     """OUT/tokenizer/{tokenizer.json, chat_template.json}: save_checkpoint copies both into each checkpoint."""
     from data.chat_template import JINJA_TEMPLATE, STOP_TOKENS
+    from model.fileio import atomic_write_json
     d = run_dir / "tokenizer"
     tok.save(d)
     meta = {"format": "chatml", "source": "data/chat_template.py", "stop_tokens": list(STOP_TOKENS),
             "trained": "assistant replies (with <think> blocks) and their <|im_end|>", "jinja": JINJA_TEMPLATE}
-    tmp = d / f".{CHAT_TEMPLATE_FILE}.tmp"
-    tmp.write_text(json.dumps(meta, indent=2) + "\n")
-    tmp.replace(d / CHAT_TEMPLATE_FILE)
+    atomic_write_json(d / CHAT_TEMPLATE_FILE, meta)
     return d
 
 

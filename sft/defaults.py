@@ -15,12 +15,12 @@ from __future__ import annotations
 import ast
 import json
 import logging
-import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
 
 from data.sources import default_corpus_files
+from model.fileio import atomic_write
 
 log = logging.getLogger("furnace")
 
@@ -101,9 +101,7 @@ def _conv(fn: Func, reply: str | None = None) -> list[dict]:
 
 def _write_jsonl(path: Path, records: list[dict]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
-    tmp.replace(path)
+    atomic_write(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
 
 
 def build_default_datasets(sft_dir: Path = DEFAULT_SFT_DIR, dpo_dir: Path = DEFAULT_DPO_DIR) -> None:

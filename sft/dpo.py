@@ -12,14 +12,16 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
-import os
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 
 from kernels.common import FurnaceError
+from model.fileio import atomic_path
 from model.io import unwrap
 from sft.examples import IGNORE
 from sft.packing import pack_row
@@ -187,26 +189,26 @@ def pairs_sha256(pairs: list[Pair]) -> str:
 
 
 def cached_reference_logps(cache_dir: Path, ckpt_key: str, pairs: list[Pair], compute) -> torch.Tensor:
-    """Load CACHE/ref-<ckpt>-<data>.pt when its keys match, else `compute()` and write it atomically."""
+    """Load CACHE/ref-<ckpt>-<data>.safetensors when its keys match, else `compute()` and write it atomically."""
     data_key = pairs_sha256(pairs)
-    path = Path(cache_dir) / f"ref-{ckpt_key[:16]}-{data_key[:16]}.pt"
+    path = Path(cache_dir) / f"ref-{ckpt_key[:16]}-{data_key[:16]}.safetensors"
     if path.is_file():
-        try:
-            d = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:  # truncated or foreign file: recompute rather than trust it
+        try:  # safetensors: reading the cache never executes code
+            with safe_open(str(path), framework="pt") as f:
+                meta, logps = f.metadata() or {}, f.get_tensor("logps")
+        except (SafetensorError, OSError, KeyError) as e:  # truncated or foreign file: recompute rather than trust it
             log.info(f"DPO reference cache {path} unreadable ({type(e).__name__}); recomputing")
         else:
-            if d.get("ckpt_key") == ckpt_key and d.get("data_key") == data_key and d["logps"].shape == (len(pairs), 2):
+            if meta.get("ckpt_key") == ckpt_key and meta.get("data_key") == data_key and logps.shape == (len(pairs), 2):
                 log.info(f"DPO reference log-probs: cached {path}")
-                return d["logps"]
+                return logps
             log.info(f"DPO reference cache {path} does not match this checkpoint/data; recomputing")
     logps = compute()
     if not torch.isfinite(logps).all():
         raise FurnaceError("DPO reference log-probs are not finite: the --init model is broken (NaN weights?)")
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    torch.save({"ckpt_key": ckpt_key, "data_key": data_key, "logps": logps}, tmp)
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        save_file({"logps": logps.contiguous()}, str(tmp), metadata={"ckpt_key": ckpt_key, "data_key": data_key})
     log.info(f"DPO reference log-probs: computed for {len(pairs)} pairs, cached in {path}")
     return logps
 

@@ -127,13 +127,16 @@ def _messages(value, where_key: str) -> list[dict]:
         if not isinstance(m, dict):
             raise FurnaceError(f"'{where_key}'[{i}] is a {type(m).__name__}, expected an object with role and content")
         if "role" not in m and "from" in m:
-            role = _SHAREGPT_ROLES.get(m["from"], m["from"])
-            m = {"role": role, "content": m.get("value")}
+            if "value" not in m:
+                raise FurnaceError(f"'{where_key}'[{i}] has no 'value' (the ShareGPT message text) - it is missing")
+            m = {"role": _SHAREGPT_ROLES.get(m["from"], m["from"]), "content": m["value"]}
         if "role" not in m:
             raise FurnaceError(f"'{where_key}'[{i}] has no 'role' (expected system, user or assistant)")
         if m["role"] not in ROLES:
             raise FurnaceError(f"'{where_key}'[{i}]: role {m['role']!r} is not one of {', '.join(ROLES)}")
-        msg = {"role": m["role"], "content": m.get("content")}
+        if "content" not in m:
+            raise FurnaceError(f"'{where_key}'[{i}] ({m['role']}) has no 'content' - it is missing")
+        msg = {"role": m["role"], "content": m["content"]}
         reasoning = m.get("reasoning", m.get("reasoning_content"))
         if reasoning:
             msg["reasoning"] = reasoning
@@ -141,8 +144,27 @@ def _messages(value, where_key: str) -> list[dict]:
     return out
 
 
+def check_turns(msgs: list[dict], what: str = "conversation") -> list[dict]:
+    """Bad conversations: one that opens with the assistant (after any system message), an assistant turn with
+    no text (nothing to learn, or a broken export). Returns `msgs`."""
+    first = next((m for m in msgs if m["role"] != "system"), None)
+    if first is None:
+        raise FurnaceError(f"{what} holds only system messages; expected a user turn and an assistant reply")
+    if first["role"] == "assistant":
+        raise FurnaceError(f"{what} opens with the assistant; expected a user turn first")
+    for i, m in enumerate(msgs):
+        if m["role"] == "assistant" and isinstance(m.get("content"), str) and not m["content"].strip() \
+                and not m.get("reasoning"):
+            raise FurnaceError(f"{what}: assistant turn {i} is empty")
+    return msgs
+
+
 def sft_messages(rec) -> list[dict]:
     """One SFT record (any supported format) -> messages. FurnaceError (without location) when malformed."""
+    return check_turns(_sft_messages(rec))
+
+
+def _sft_messages(rec) -> list[dict]:
     if not isinstance(rec, dict):
         raise FurnaceError(f"expected a JSON object, got {type(rec).__name__}")
     if "conversations" in rec:
@@ -186,4 +208,7 @@ def dpo_messages(rec) -> tuple[list[dict], list[dict]]:
     for k, msgs in zip(("chosen", "rejected"), pair):
         if msgs[-1]["role"] != "assistant":
             raise FurnaceError(f"'{k}' ends with a {msgs[-1]['role']!r} message; it must end with the assistant's reply")
+        check_turns(msgs, f"'{k}'")
+    if pair[0] == pair[1]:
+        raise FurnaceError("'chosen' and 'rejected' are identical: the pair prefers nothing")
     return pair

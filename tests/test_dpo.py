@@ -92,7 +92,7 @@ def test_reference_cache_is_keyed_by_checkpoint_and_data(tmp_path, tok):
     assert len(calls) == 1 and torch.equal(a, b)
     cached_reference_logps(tmp_path, "ck2", pairs, compute)                # other checkpoint
     cached_reference_logps(tmp_path, "ck1", pairs[:2], compute)            # other data
-    assert len(calls) == 3 and len(list(tmp_path.glob("ref-*.pt"))) == 3
+    assert len(calls) == 3 and len(list(tmp_path.glob("ref-*.safetensors"))) == 3
 
 
 def test_dpo_drives_training_reward_accuracy_to_one(tmp_path, tok):

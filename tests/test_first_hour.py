@@ -55,7 +55,11 @@ def test_a_pretraining_run_as_a_newcomer_sees_it(tmp_path):
     assert "done: {" not in p.stderr and (run / "loss.png").stat().st_size > 1000
     cks = sorted((run / "checkpoints").iterdir())
     assert [c.name for c in cks] == ["step_00000004", "step_00000008", "step_00000012"]
-    assert [(c / "trainer_state.pt").exists() for c in cks] == [False, False, True]
+    assert [(c / "trainer_state.json").exists() for c in cks] == [False, False, True]
+    assert [(c / "trainer_state.safetensors").exists() for c in cks] == [False, False, True]
+    from model.fileio import verify_checksums
+    for c in cks:
+        verify_checksums(c, required=True)                    # rewritten where the state was dropped
     assert all((c / "model.safetensors").is_file() for c in cks)
     files = [f for f in run.rglob("*") if f.is_file()]
     modes = {str(f.relative_to(run)): oct(f.stat().st_mode & 0o777) for f in files}

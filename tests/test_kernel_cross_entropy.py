@@ -3,7 +3,8 @@ import pytest
 import torch
 
 from kernels import cross_entropy
-from kernels.cross_entropy import cross_entropy_ref
+from kernels.cross_entropy import cross_entropy_config, cross_entropy_fwd, cross_entropy_ref
+from kernels.launch import GPUS, INTERPRETER
 from kernels.testing import check, devices, fwd_bwd
 
 DEVICES = devices()
@@ -90,3 +91,28 @@ def test_cross_entropy_forward_only_and_single_backward(device):
     loss.backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="only once"):
         loss.backward()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("vocab,rows", [(49152, 3), (50257, 2), (1000, 37)])
+def test_cross_entropy_cuda_launch_config_in_interpreter(vocab, rows, dtype):
+    """The tiles a GPU's launcher chooses (kernels.launch.GPUS): 4,096-logit tiles looping over a large vocabulary,
+    several rows per program for a small one; run in the interpreter."""
+    if "cpu" not in DEVICES:
+        pytest.skip("needs the interpreter")
+    gpu = GPUS["sm_120"]
+    assert cross_entropy_config(rows, vocab, gpu) != cross_entropy_config(rows, vocab, INTERPRETER)
+    torch.manual_seed(5)
+    x = (torch.randn(rows, vocab) * 4).to(dtype)
+    t = _targets(rows, vocab, ignored=[1], seed=vocab)
+    n_valid = (t != -100).sum()
+    loss_rows, g = cross_entropy_fwd(x, t, -100, 1e-4, n_valid, write_grad=True, target=gpu)
+    loss = loss_rows.sum() / n_valid
+
+    def ref(x):
+        return cross_entropy_ref(x, t, -100, 1e-4)
+
+    r32, (g32,) = fwd_bwd(ref, [x.float()], None, [0])
+    rlp, (glp,) = fwd_bwd(ref, [x], None, [0])
+    check("loss", loss, r32, rlp)
+    check("dlogits", g, g32, glp, atol=1e-5 * g32.abs().max().item() + 1e-12)

@@ -3,7 +3,8 @@ import pytest
 import torch
 
 from kernels import rms_norm
-from kernels.rms_norm import rms_norm_ref
+from kernels.launch import GPUS, INTERPRETER
+from kernels.rms_norm import rms_norm_bwd, rms_norm_fwd, rms_norm_fwd_config, rms_norm_ref
 from kernels.testing import check, devices, fwd_bwd
 
 DEVICES = devices()
@@ -58,3 +59,25 @@ def test_rms_norm_fp16_and_dw_reduced_in_fp32():
     x = torch.randn(2000, 64) + 4.0
     _run(x, torch.ones(64), torch.ones(2000, 64), torch.bfloat16, "cpu")
     _run(x[:300], torch.ones(64), torch.randn(300, 64), torch.float16, "cpu")
+
+
+@pytest.mark.parametrize("target", ["sm_80", "sm_90"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(37, 768), (5, 64), (300, 1000)])
+def test_rms_norm_cuda_launch_config_in_interpreter(shape, dtype, target):
+    """The tiles and persistent grid a GPU's launcher chooses (kernels.launch.GPUS), run in the interpreter."""
+    if "cpu" not in DEVICES:
+        pytest.skip("needs the interpreter")
+    gpu = GPUS[target]
+    M, N = shape
+    assert rms_norm_fwd_config(M, N, gpu) != rms_norm_fwd_config(M, N, INTERPRETER)   # really other tiles
+    torch.manual_seed(3)
+    x32, w32, dy32 = torch.randn(shape) * 3, 1 + 0.5 * torch.randn(N), torch.randn(shape)
+    x, w, dy = (t.to(dtype) for t in (x32, w32, dy32))
+    y, rstd, x2 = rms_norm_fwd(x, w, 1e-6, target=gpu)
+    dx, dw = rms_norm_bwd(dy, x2, w, rstd, target=gpu)
+    r32, (rdx32, rdw32) = fwd_bwd(rms_norm_ref, [x.float(), w.float()], dy.float(), [0, 1])
+    rlp, (rdx, rdw) = fwd_bwd(rms_norm_ref, [x, w], dy, [0, 1])
+    check("y", y, r32, rlp)
+    check("dx", dx, rdx32, rdx)
+    check("dw", dw, rdw32, rdw, atol=1e-4)

@@ -3,7 +3,8 @@ import pytest
 import torch
 
 from kernels import apply_rope
-from kernels.rope import apply_rope_ref
+from kernels.launch import GPUS, INTERPRETER
+from kernels.rope import apply_rope_ref, rope_config, rope_launch
 from kernels.testing import check, devices, fwd_bwd
 
 DEVICES = devices()
@@ -59,3 +60,25 @@ def test_rope_rejects_wrong_table_shape():
     cos, sin = _tables(8, 4)
     with pytest.raises(ValueError, match=r"cos/sin of shape \(9, 4\)"):
         apply_rope(torch.randn(1, 9, 2, 8), cos, sin, impl="triton")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(2, 17, 12, 64), (1, 40, 3, 64), (3, 5, 8, 96)])
+def test_rope_cuda_launch_config_in_interpreter(shape, dtype):
+    """The tiles a GPU's launcher chooses (kernels.launch.GPUS) for 112m/104m head shapes, forward, backward and
+    the cos/sin gradients, run in the interpreter."""
+    if "cpu" not in DEVICES:
+        pytest.skip("needs the interpreter")
+    gpu = GPUS["sm_89"]
+    B, T, H, D = shape
+    assert rope_config(B * T, H, D // 2, gpu) != rope_config(B * T, H, D // 2, INTERPRETER)
+    torch.manual_seed(4)
+    cos, sin = _tables(T, D // 2)
+    x, dy = torch.randn(shape).to(dtype), torch.randn(shape).to(dtype)
+    y, _, _ = rope_launch(x, cos, sin, target=gpu)
+    dx, dcos, dsin = rope_launch(dy, cos, sin, backward=True, x_saved=x, target=gpu)
+    r32, g32 = fwd_bwd(apply_rope_ref, [x.float(), cos, sin], dy.float(), [0, 1, 2])
+    rlp, glp = fwd_bwd(apply_rope_ref, [x, cos, sin], dy, [0, 1, 2])
+    check("y", y, r32, rlp)
+    for name, a, b, c in zip(["dx", "dcos", "dsin"], [dx, dcos, dsin], g32, glp):
+        check(name, a, b, c, atol=1e-4 if name != "dx" else 1e-5)

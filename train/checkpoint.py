@@ -1,30 +1,39 @@
-"""Training checkpoints: atomic, keep-last-K, everything needed for an exact resume.
+"""Training checkpoints: atomic, checksummed, keep-last-K, everything needed for an exact resume.
 
 RUN/checkpoints/step_XXXXXXXX/
     config.json, model.safetensors   plain weights (model.io.save): load anywhere, no TE/compile/DDP keys
     tokenizer.json                   the data's tokenizer
-    trainer_state.pt                 optimizer, step, loader state, RNG states, counters, wandb run id
+    trainer_state.json               step, counters, loader state, RNG states, optimizer hyper-parameters ...
+    trainer_state.safetensors        ... and every tensor they refer to (optimizer moments, RNG states)
     ema.safetensors                  EMA weights (with --ema)
-A checkpoint is written to RUN/checkpoints/.tmp-step_X and renamed when complete, so a crash (even
-SIGKILL) never leaves a folder that looks complete.
+    checksums.json                   SHA-256 of every file above, verified by --resume
+Nothing here is a pickle: reading a checkpoint never executes code. A checkpoint is written to
+RUN/checkpoints/.tmp-step_X and renamed when complete (model.fileio.atomic_dir), so a crash (even SIGKILL) or
+a full disk never leaves a folder that looks complete. RUN/.lock (pid and host) keeps a second process out.
 """
 from __future__ import annotations
 
+import io
 import json
 import logging
+import os
 import random
 import shutil
+import socket
 from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import save_file
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
 
 from kernels.common import FurnaceError
-from model.io import checkpoint_step, latest_checkpoint, save as save_model, umask_mode
+from model.fileio import atomic_dir, atomic_write, verify_checksums, write_checksums
+from model.io import checkpoint_step, latest_checkpoint, save as save_model, unwrap
 
 log = logging.getLogger("furnace")
-STATE_FILE = "trainer_state.pt"
+STATE_FILE, STATE_TENSORS = "trainer_state.json", "trainer_state.safetensors"
+OLD_STATE_FILE = "trainer_state.pt"  # the pickle of earlier versions: refused, never unpickled
 
 
 def rng_state() -> dict:
@@ -42,48 +51,177 @@ def set_rng_state(s: dict) -> None:
         torch.cuda.set_rng_state_all(s["cuda"])
 
 
+# ---- trainer state as JSON + safetensors (no pickle) -------------------------------------------------------
+def _encode(obj, tensors: dict, where: str):
+    """JSON-able form of `obj`; tensors go to `tensors` and are referred to by name. Tuples, non-string dict
+    keys (the optimizer's parameter ids), numpy arrays and bytes are tagged so that decoding restores them."""
+    if isinstance(obj, torch.Tensor):
+        name = f"t{len(tensors)}"
+        tensors[name] = obj.detach().cpu().contiguous().clone()
+        return {"__tensor__": name}
+    if isinstance(obj, np.ndarray):  # numpy's RNG state (uint32): stored widened, restored to its dtype
+        return {"__ndarray__": _encode(torch.from_numpy(obj.astype(np.int64)), tensors, where), "dtype": obj.dtype.str}
+    if isinstance(obj, (bytes, io.BytesIO)):  # older TransformerEngine's FP8 extra state
+        raw = obj.getvalue() if isinstance(obj, io.BytesIO) else obj
+        t = torch.frombuffer(bytearray(raw), dtype=torch.uint8) if raw else torch.zeros(0, dtype=torch.uint8)
+        return {"__bytes__": _encode(t, tensors, where), "bytesio": isinstance(obj, io.BytesIO)}
+    if isinstance(obj, dict):
+        if all(isinstance(k, str) and not k.startswith("__") for k in obj):
+            return {k: _encode(v, tensors, f"{where}.{k}") for k, v in obj.items()}
+        return {"__items__": [[_encode(k, tensors, where), _encode(v, tensors, f"{where}.{k}")] for k, v in obj.items()]}
+    if isinstance(obj, tuple):
+        return {"__tuple__": [_encode(v, tensors, where) for v in obj]}
+    if isinstance(obj, list):
+        return [_encode(v, tensors, where) for v in obj]
+    if isinstance(obj, np.integer):
+        return int(obj)
+    if isinstance(obj, np.floating):
+        return float(obj)
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    raise TypeError(f"trainer state: {where} holds a {type(obj).__name__}, which a checkpoint cannot store")
+
+
+def _decode(obj, tensors: dict):
+    if isinstance(obj, list):
+        return [_decode(v, tensors) for v in obj]
+    if not isinstance(obj, dict):
+        return obj
+    if "__tensor__" in obj:
+        return tensors[obj["__tensor__"]]
+    if "__ndarray__" in obj:
+        return _decode(obj["__ndarray__"], tensors).numpy().astype(np.dtype(obj["dtype"]))
+    if "__bytes__" in obj:
+        raw = _decode(obj["__bytes__"], tensors).numpy().tobytes()
+        return io.BytesIO(raw) if obj.get("bytesio") else raw
+    if "__tuple__" in obj:
+        return tuple(_decode(v, tensors) for v in obj["__tuple__"])
+    if "__items__" in obj:
+        return {_decode(k, tensors): _decode(v, tensors) for k, v in obj["__items__"]}
+    return {k: _decode(v, tensors) for k, v in obj.items()}
+
+
+def write_trainer_state(d: Path, state: dict) -> None:
+    tensors: dict[str, torch.Tensor] = {}
+    doc = _encode(state, tensors, "state")
+    save_file(tensors, str(d / STATE_TENSORS))
+    (d / STATE_FILE).write_text(json.dumps(doc) + "\n")
+
+
+# ---- saving ------------------------------------------------------------------------------------------------
+def nonfinite_weight(model: torch.nn.Module) -> str | None:
+    """The name of the first floating-point parameter or buffer holding NaN or inf, else None."""
+    for name, t in unwrap(model).state_dict().items():
+        if isinstance(t, torch.Tensor) and t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            return name
+    return None
+
+
+def unsafe_to_save(model: torch.nn.Module, bad_in_row: int) -> str | None:
+    """Why no checkpoint may be written now (inside a streak of non-finite steps, or NaN/inf weights), or None.
+    So the newest checkpoint is always the last good one, and keep-last rotation never deletes it."""
+    if bad_in_row:
+        return f"inside a streak of {bad_in_row} non-finite steps"
+    name = nonfinite_weight(model)
+    return f"weight {name} is not finite" if name else None
+
+
+def last_good_checkpoint(run_dir: Path) -> str:
+    """For messages: the checkpoint a diverged or stopped run continues from, and how."""
+    ck = latest_checkpoint(run_dir)
+    if ck is None:
+        return (f"none was written yet in {run_dir}; start it over with --resume (new options, e.g. a lower --lr, "
+                f"are taken)")
+    return f"{ck}; continue from it with --resume (e.g. with a lower --lr)"
+
+
 def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, state: dict, tokenizer_dir: Path | None,
                     keep_last: int, ema: dict | None = None, weights_only_older: bool = False) -> Path:
-    """Write step `step` atomically, then drop all but the newest `keep_last` checkpoints.
+    """Write step `step` atomically (checksummed), then drop all but the newest `keep_last` checkpoints.
     `weights_only_older` (--keep-weights-only): the kept checkpoints other than the newest lose their trainer
-    state and EMA (about two thirds of their size) and keep their weights: loadable, no longer resumable."""
+    state and EMA (about two thirds of their size; their checksums.json is rewritten) and keep their weights:
+    loadable, no longer resumable."""
     ck_root = run_dir / "checkpoints"
     ck_root.mkdir(parents=True, exist_ok=True)
     final = ck_root / f"step_{step:08d}"
-    tmp = ck_root / f".tmp-step_{step:08d}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    save_model(model, tmp)
-    if tokenizer_dir is not None:
-        for name in ("tokenizer.json", "tokenizer_meta.json", "chat_template.json"):
-            if (tokenizer_dir / name).is_file():
-                shutil.copyfile(tokenizer_dir / name, tmp / name)  # new file: the umask's mode, not the source's
-    torch.save(state, tmp / STATE_FILE)
-    if ema is not None:
-        save_file({k: v.detach().cpu().contiguous() for k, v in ema.items()}, str(tmp / "ema.safetensors"))
-        umask_mode(tmp / "ema.safetensors")
-    if final.exists():  # re-saving the same step (e.g. Ctrl-C right after a periodic save)
-        shutil.rmtree(final)
-    tmp.rename(final)
+    with atomic_dir(final) as tmp:  # re-saving the same step (Ctrl-C right after a periodic save) replaces it
+        save_model(model, tmp)
+        if tokenizer_dir is not None:
+            for name in ("tokenizer.json", "tokenizer_meta.json", "chat_template.json"):
+                if (tokenizer_dir / name).is_file():
+                    atomic_write(tmp / name, (tokenizer_dir / name).read_bytes())
+        write_trainer_state(tmp, state)
+        if ema is not None:
+            save_file({k: v.detach().cpu().contiguous() for k, v in ema.items()}, str(tmp / "ema.safetensors"))
+        write_checksums(tmp)
     done = sorted((p for p in ck_root.iterdir() if p.is_dir() and checkpoint_step(p) is not None),
                   key=checkpoint_step)
     for old in done[:-keep_last]:
         shutil.rmtree(old)
     if weights_only_older:
         for old in done[-keep_last:-1]:
-            for name in (STATE_FILE, "ema.safetensors"):
-                (old / name).unlink(missing_ok=True)
+            if (old / STATE_FILE).exists():
+                for name in (STATE_FILE, STATE_TENSORS, "ema.safetensors"):
+                    (old / name).unlink(missing_ok=True)
+                write_checksums(old)
     return final
 
 
 def load_trainer_state(ckpt: Path) -> dict:
+    """Verify every file of `ckpt` against its checksums, then read the trainer state (JSON + safetensors)."""
     f = ckpt / STATE_FILE
     if not f.is_file():
+        if (ckpt / OLD_STATE_FILE).is_file():
+            raise FurnaceError(f"--resume: {ckpt / OLD_STATE_FILE} is a pickle written by an older Furnace; it is not "
+                               f"read because unpickling can execute code. Continue with --init {ckpt} (weights only) "
+                               f"in a new --out")
         raise FurnaceError(f"--resume: {ckpt} has no {STATE_FILE} (a weights-only checkpoint? use --init)")
+    verify_checksums(ckpt, required=True)
     try:
-        return torch.load(f, map_location="cpu", weights_only=False)
-    except Exception as e:  # truncated or foreign pickle
+        doc = json.loads(f.read_text())
+        tensors = load_file(str(ckpt / STATE_TENSORS))
+        return _decode(doc, tensors)
+    except (json.JSONDecodeError, UnicodeDecodeError, SafetensorError, OSError, KeyError, ValueError) as e:
         raise FurnaceError(f"--resume: {f} is unreadable ({type(e).__name__}: {e})") from None
+
+
+# ---- the run folder: one process at a time ----------------------------------------------------------------
+LOCK_FILE = ".lock"
+_HELD: dict[Path, int] = {}  # run folders this process holds (fd of the locked file), released at exit
+
+
+def lock_run_dir(run_dir: Path, claim: bool = True) -> None:
+    """Take RUN/.lock (an exclusive flock) or refuse at once naming the holder; with `claim`, write 'pid host'
+    into it. The kernel drops a flock when its process dies, so a lock left by a killed run is taken over."""
+    import fcntl
+    key = run_dir.resolve()
+    if os.environ.get("RANK", "0") != "0":  # only rank 0 writes the folder
+        return
+    if key not in _HELD:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(run_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
+            os.close(fd)
+            raise FurnaceError(f"--out {run_dir} is in use by a running job ({holder}, see {run_dir / LOCK_FILE}); "
+                               f"wait for it to finish, stop it, or choose another --out") from None
+        _HELD[key] = fd
+    fd = _HELD[key]
+    me = f"pid {os.getpid()} host {socket.gethostname()}\n"
+    old = os.pread(fd, 200, 0).decode(errors="replace")
+    if claim and old != me:
+        if old.strip():
+            log.info(f"--out {run_dir}: taking over the lock left by a stopped run ({old.strip()})")
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, me.encode(), 0)
+
+
+def unlock_run_dir(run_dir: Path) -> None:
+    fd = _HELD.pop(run_dir.resolve(), None)
+    if fd is not None:
+        os.close(fd)
 
 
 def run_config_path(run_dir: Path) -> Path:
@@ -91,26 +229,61 @@ def run_config_path(run_dir: Path) -> Path:
 
 
 def check_out_dir(run_dir: Path, opts_dict: dict, resume: bool, run_defining: tuple[str, ...]) -> Path | None:
-    """Refuse an OUT holding a different run unless --resume; returns the checkpoint to resume from."""
+    """Lock OUT, refuse one holding a different run unless --resume; returns the checkpoint to resume from
+    (None: a fresh start). Options outside `run_defining` (lr, schedule, clip, max-steps, cadences) may change
+    on --resume: that is how a diverged run is continued with a lower --lr."""
+    if (run_dir / LOCK_FILE).exists():  # a folder in use is named as such before anything else
+        lock_run_dir(run_dir, claim=False)
+    try:
+        ckpt = _check_out_dir(run_dir, opts_dict, resume, run_defining)
+        if run_dir.is_dir():  # a new folder is created (and locked) by the run itself: bad input leaves no trace
+            lock_run_dir(run_dir)
+    except FurnaceError:
+        unlock_run_dir(run_dir)
+        raise
+    return ckpt
+
+
+def _check_out_dir(run_dir: Path, opts_dict: dict, resume: bool, run_defining: tuple[str, ...]) -> Path | None:
     cfg_file = run_config_path(run_dir)
     has_run = cfg_file.is_file() or (run_dir / "checkpoints").is_dir()
+    ckpt = latest_checkpoint(run_dir)
+    ck_dir = run_dir / "checkpoints"
+    kept = sorted(p.name for p in ck_dir.iterdir() if not p.name.startswith(".tmp-")) if ck_dir.is_dir() else []
+    if ckpt is None and kept:  # step folders, none complete: never deleted, a person must look
+        raise FurnaceError(f"--out {run_dir}: {ck_dir} holds {', '.join(kept[:3])} but no complete checkpoint "
+                           f"(config.json + model.safetensors); move them away or choose another --out")
+    if has_run and ckpt is None:  # killed before its first checkpoint: nothing to keep
+        if not resume:
+            raise FurnaceError(f"--out {run_dir} holds a run that stopped before its first checkpoint, so there is "
+                               f"nothing to continue: pass --resume to start it over in this folder, or delete it")
+        log.info(f"--resume: {run_dir} holds no checkpoint yet (the run stopped before its first one): "
+                 f"starting it over from step 0")
+        if os.environ.get("RANK", "0") == "0":  # under DDP, rank 0 alone writes the folder
+            for f in (cfg_file, run_dir / "metrics.jsonl"):
+                f.unlink(missing_ok=True)
+            shutil.rmtree(ck_dir, ignore_errors=True)  # only unfinished .tmp-* folders (checked above)
+        return None
     if not resume:
         if has_run:
             raise FurnaceError(f"--out {run_dir} already holds a training run; pass --resume to continue it, "
                                f"or choose another --out (nothing was changed)")
-        if run_dir.exists() and any(run_dir.iterdir()):
+        if run_dir.exists() and any(p.name != LOCK_FILE for p in run_dir.iterdir()):
             raise FurnaceError(f"--out {run_dir} exists and is not empty; choose another --out")
         return None
-    ckpt = latest_checkpoint(run_dir)
     if ckpt is None:
-        raise FurnaceError(f"--resume: {run_dir} holds no complete checkpoint to resume from")
+        raise FurnaceError(f"--resume: {run_dir} holds no training run to resume (no checkpoints/ and no "
+                           f"config.json); run without --resume to start one")
     if cfg_file.is_file():
         old = json.loads(cfg_file.read_text()).get("train", {})
-        diffs = [f"{k}: {old.get(k)!r} -> {opts_dict.get(k)!r}" for k in run_defining
-                 if k in old and old.get(k) != opts_dict.get(k)]
+        changed = {k: (old.get(k), opts_dict.get(k)) for k in opts_dict
+                   if k in old and k != "resume" and old.get(k) != opts_dict.get(k)}
+        diffs = [f"{k}: {a!r} -> {b!r}" for k, (a, b) in changed.items() if k in run_defining]
         if diffs:
             raise FurnaceError(f"--resume {run_dir}: options differ from the saved run ({'; '.join(diffs)}); "
                                f"resume with the same options or start a new --out")
+        for k, (a, b) in changed.items():
+            log.info(f"--resume: --{k.replace('_', '-')} {a!r} -> {b!r} from step {checkpoint_step(ckpt)} on")
     return ckpt
 
 
@@ -125,6 +298,4 @@ def truncate_metrics(path: Path, step: int) -> None:
                 kept.append(ln)
         except json.JSONDecodeError:  # a line cut short by the kill
             continue
-    tmp = path.with_suffix(".jsonl.tmp")
-    tmp.write_text("".join(ln + "\n" for ln in kept))
-    tmp.replace(path)
+    atomic_write(path, "".join(ln + "\n" for ln in kept))

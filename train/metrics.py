@@ -11,6 +11,8 @@ from pathlib import Path
 
 import torch
 
+from model.fileio import disk_full_guard
+
 log = logging.getLogger("furnace")
 REPO = Path(__file__).resolve().parents[1]
 
@@ -50,8 +52,9 @@ class MetricsLog:
         rec = {k: (round(v, 6) if isinstance(v, float) else v) for k, v in record.items() if v is not None}
         if "loss" in rec:
             self.last = rec
-        self._f.write(json.dumps(rec) + "\n")
-        self._f.flush()
+        with disk_full_guard(self.path):
+            self._f.write(json.dumps(rec) + "\n")
+            self._f.flush()
         if self.wandb is not None:
             self.wandb.log({k: v for k, v in rec.items() if k != "step"}, step=rec.get("step"))
 
@@ -141,11 +144,8 @@ def format_duration(seconds: float) -> str:
 
 def write_summary(run_dir: Path, summary: dict) -> Path:
     """OUT/summary.json: the run's end record, for scripts (the console gets summary_lines)."""
-    path = run_dir / "summary.json"
-    tmp = run_dir / ".summary.json.tmp"
-    tmp.write_text(json.dumps(summary, indent=2, default=str) + "\n")
-    tmp.replace(path)
-    return path
+    from model.fileio import atomic_write_json
+    return atomic_write_json(run_dir / "summary.json", summary, default=str)
 
 
 def summary_lines(s: dict) -> list[str]:

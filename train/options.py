@@ -95,8 +95,10 @@ class TrainOptions:
 
 
 # Fields that describe the run itself: a resumed run must agree on these (see checkpoint.check_out_dir).
-RUN_DEFINING = ("preset", "data", "batch_size", "seq_len", "grad_accum", "lr", "min_lr", "warmup", "schedule",
-                "weight_decay", "grad_clip", "z_loss", "seed", "fp8", "init")
+# Everything else may change on --resume (logged): lr, min-lr, warmup, schedule, grad-clip, z-loss, max-steps /
+# tokens, eval / save / log cadence, keep-last, max-bad-steps: the recovery from a diverged run is
+# "--resume with a lower --lr". weight_decay stays: the optimizer state restores it.
+RUN_DEFINING = ("preset", "data", "batch_size", "seq_len", "grad_accum", "weight_decay", "seed", "fp8", "init")
 
 _CHOICES = {"schedule": SCHEDULES, "dtype": DTYPES + ("",), "fp8_backend": FP8_BACKENDS,
             "kernels": KERNEL_IMPLS, "preset": tuple(PRESETS) + ("",), "rope_scaling": ("", "none", "linear", "ntk", "yarn")}

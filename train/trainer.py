@@ -30,10 +30,12 @@ import torch.distributed as dist
 from safetensors.torch import load_file
 
 from kernels.common import FurnaceError
+from model.fileio import atomic_write_json
 from model.flops import mfu as compute_mfu, peak_tflops
 from model.gpt import Block
 from model.io import load as load_model, unwrap
-from train.checkpoint import load_trainer_state, rng_state, save_checkpoint, set_rng_state, truncate_metrics
+from train.checkpoint import (last_good_checkpoint, load_trainer_state, lock_run_dir, rng_state, save_checkpoint,
+                              set_rng_state, truncate_metrics, unlock_run_dir, unsafe_to_save)
 from train.metrics import (MetricsLog, StepTimer, format_duration, format_step, init_wandb, plot_losses, run_record,
                            summary_lines, write_summary)
 from train.optim import build_optimizer, lr_at, set_lr
@@ -104,7 +106,7 @@ class Trainer:
         """Write OUT/config.json (options, model, device, versions, commit + `record`; a fresh run only) or
         drop the killed run's metric lines (a resumed one), open wandb, fit, plot the losses."""
         if self.rt.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
+            lock_run_dir(self.run_dir)  # creates it; a second process on the same --out stops here
             if self.resume is not None:
                 truncate_metrics(self.run_dir / "metrics.jsonl", self.state.step)
             else:
@@ -119,6 +121,7 @@ class Trainer:
         try:
             summary = self.fit()
         finally:
+            unlock_run_dir(self.run_dir)  # a no-op on ranks that hold no lock
             if self.wandb_run is not None:
                 self.wandb_run.finish()
         summary["seconds"] = time.perf_counter() - t0
@@ -132,14 +135,11 @@ class Trainer:
         return summary
 
     def _write_run_config(self, record: dict) -> None:
-        import json
         m, p = unwrap(self.model), self.prec
         rec = {"train": self.opts.to_dict(), "model": m.config.to_dict(), "num_params": m.num_params(),
                **run_record(self.device), "world_size": self.rt.world_size,
                "precision": {"name": p.name, "reason": p.reason, "fp8_layers": len(p.converted)}, **record}
-        tmp = self.run_dir / "config.json.tmp"
-        tmp.write_text(json.dumps(rec, indent=2, default=str) + "\n")
-        tmp.replace(self.run_dir / "config.json")
+        atomic_write_json(self.run_dir / "config.json", rec, default=str)
 
     # ---- state for checkpoints ---------------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -165,6 +165,10 @@ class Trainer:
 
     def save(self) -> Path | None:
         if not self.rt.is_main:
+            return None
+        why = unsafe_to_save(self.model, self.state.bad_in_row)
+        if why:  # the newest checkpoint stays the last good one
+            log.warning(f"step {self.state.step}: no checkpoint written ({why}); kept: {last_good_checkpoint(self.run_dir)}")
             return None
         path = save_checkpoint(self.run_dir, self.state.step, self.model, self.state_dict(), self.tokenizer_dir,
                                self.opts.keep_last, self.ema, weights_only_older=self.opts.keep_weights_only)
@@ -323,7 +327,7 @@ class Trainer:
             raise FurnaceError(
                 f"{st.bad_in_row} non-finite steps in a row at step {st.step}: training diverged. Lower --lr, "
                 f"raise --warmup, set --grad-clip, try --z-loss 1e-4 or train without --fp8; the last good "
-                f"checkpoint is kept: continue from it with --resume")
+                f"checkpoint is kept: {last_good_checkpoint(self.run_dir)}")
 
     def _record(self, out: dict, dt: float) -> dict:
         tps = out["n_tokens"] / dt if dt > 0 else 0.0
