@@ -119,12 +119,12 @@ def main(argv=None):
     import os
     import tempfile
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--data", default=None, help="prepared folder to reuse for the loader bench (skips prepare)")
+    ap.add_argument("--data", default=None, help="prepared folder to reuse for the loader bench (skips prepare); default: prepare the stdlib corpus")
     ap.add_argument("--out", default=None, help="where to prepare the default corpus (default: a temp folder)")
-    ap.add_argument("--max-files", type=int, default=None, help="prepare only the first N stdlib files")
+    ap.add_argument("--max-files", type=int, default=None, help="prepare only the first N stdlib files; default: all of them")
     ap.add_argument("--workers", type=int, default=None, help="prepare processes (default: all cores)")
-    ap.add_argument("--batches", type=int, default=500, help="batches per timing trial")
-    ap.add_argument("--trials", type=int, default=5)
+    ap.add_argument("--batches", type=int, default=500, help="batches per timing trial; default: 500")
+    ap.add_argument("--trials", type=int, default=5, help="timing trials (the median is reported); default: 5")
     args = ap.parse_args(argv)
     workers = args.workers or os.cpu_count() or 1
     result = {"bench": "data", "conditions": _conditions(workers)}

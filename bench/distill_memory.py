@@ -54,13 +54,14 @@ def measure(impl: str, n: int, v: int, d: int, dt: int, device: str) -> dict:
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--n", type=int, default=8192, help="target tokens")
-    p.add_argument("--vocab", type=int, default=49152)
-    p.add_argument("--d", type=int, default=256, help="student hidden size")
-    p.add_argument("--d-teacher", type=int, default=512)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--impls", default="chunked,materialised")
-    p.add_argument("--json", help="also write the report here")
+    p.add_argument("--n", type=int, default=8192, help="target tokens in the measured batch; default: 8192")
+    p.add_argument("--vocab", type=int, default=49152, help="vocabulary size (logits per token); default: 49152")
+    p.add_argument("--d", type=int, default=256, help="student hidden size (features); default: 256")
+    p.add_argument("--d-teacher", type=int, default=512, help="teacher hidden size (features); default: 512")
+    p.add_argument("--device", default="cpu", help="torch device to measure on (cpu, cuda); default: cpu")
+    p.add_argument("--impls", default="chunked,materialised",
+                   help="comma-separated loss implementations to compare; default: chunked,materialised")
+    p.add_argument("--json", help="also write the report (JSON) to this file; default: none")
     p.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one impl in this process
     a = p.parse_args(argv)
     if a.one:

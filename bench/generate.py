@@ -155,17 +155,17 @@ def _conditions(threads: int) -> dict:
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--presets", default="26m,112m")
-    p.add_argument("--dtypes", default="fp32,bf16,int8", help="our dtypes ('' = none)")
-    p.add_argument("--hf-dtypes", default="fp32,bf16", help="transformers dtypes to compare ('' = skip)")
+    p.add_argument("--presets", default="26m,112m", help="comma-separated model presets (random weights); default: 26m,112m")
+    p.add_argument("--dtypes", default="fp32,bf16,int8", help="our weight dtypes to time ('' = none); default: fp32,bf16,int8")
+    p.add_argument("--hf-dtypes", default="fp32,bf16", help="transformers dtypes to compare ('' = skip); default: fp32,bf16")
     p.add_argument("--llama-types", default="q8_0,f16",
-                   help="llama.cpp GGUF types to compare ('' = skip; skipped with a notice without llama-cpp-python)")
-    p.add_argument("--prompt-len", type=int, default=128)
-    p.add_argument("--new-tokens", type=int, default=64)
-    p.add_argument("--repeats", type=int, default=3, help="timed runs per setting (after one warm-up)")
-    p.add_argument("--threads", type=int, default=None, help="default: physical cores")
+                   help="llama.cpp GGUF types to compare ('' = skip; skipped with a notice without llama-cpp-python); default: q8_0,f16")
+    p.add_argument("--prompt-len", type=int, default=128, help="prompt tokens (prefill); default: 128")
+    p.add_argument("--new-tokens", type=int, default=64, help="generated tokens per run; default: 64")
+    p.add_argument("--repeats", type=int, default=3, help="timed runs per setting (after one warm-up); default: 3")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads; default: physical cores")
     p.add_argument("--compile", default="both", choices=["both", "on", "off"],
-                   help="our rows with the eager and/or the compiled decode step (infer.decode)")
+                   help="our rows with the eager and/or the compiled decode step (infer.decode); default: both")
     args = p.parse_args(argv)
 
     import copy

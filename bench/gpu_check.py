@@ -238,10 +238,10 @@ def markdown(rep: dict) -> str:
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", help="folder for gpu_check.json, gpu_check.md and the stage logs (created; must be empty)")
-    p.add_argument("--dry-run", action="store_true", help="CPU, tiny shapes, Triton's interpreter: the control flow only")
-    p.add_argument("--stages", default="", help=f"comma-separated subset of {','.join(s[0] for s in STAGES)}")
-    p.add_argument("--wheels", action="store_true", help="print the pip commands for an offline install and exit")
+    p.add_argument("--out", help="folder for gpu_check.json, gpu_check.md and the stage logs (created; must be empty); required unless --wheels")
+    p.add_argument("--dry-run", action="store_true", help="CPU, tiny shapes, Triton's interpreter: the control flow only; default: off")
+    p.add_argument("--stages", default="", help=f"comma-separated subset of {','.join(s[0] for s in STAGES)}; default: all")
+    p.add_argument("--wheels", action="store_true", help="print the pip commands for an offline install and exit; default: off")
     args = p.parse_args(argv)
     if args.wheels:
         print(WHEELS)

@@ -6,6 +6,9 @@ reports the memory figures. The last stdout line is one JSON document.
 
     python bench/kernel_bench.py                      # everything this machine can measure
     python bench/kernel_bench.py --memory-only        # the fused linear+CE memory comparison
+    python bench/kernel_bench.py --memory-shape 8192,768,49152   # the full comparison (CPU: ~8.4 GB peak)
+The memory comparison's default shape fits a small machine on CPU (N=1024 tokens: peak under 2 GB, tested);
+on CUDA it is the full 8192-token batch of the 112m preset.
 """
 import sys
 from pathlib import Path
@@ -37,6 +40,7 @@ from model.flops import PEAK_GBPS, device_peak_name  # noqa: E402
 log = logging.getLogger("furnace")
 ROOT = Path(__file__).resolve().parents[1]
 
+CUDA_MEMORY_SHAPE, CPU_MEMORY_SHAPE = "8192,768,49152", "1024,768,49152"
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
@@ -232,22 +236,24 @@ def conditions(args) -> dict:
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--presets", default="112m,1b", help="comma-separated model presets whose shapes to use")
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--presets", default="112m,1b", help="comma-separated model presets whose shapes to use; default: 112m,1b")
     p.add_argument("--ops", default="", help="comma-separated subset of ops (default: all)")
-    p.add_argument("--dtype", default="bf16", choices=list(DTYPES))
-    p.add_argument("--tokens", type=int, default=16384, help="tokens per batch (B*T)")
-    p.add_argument("--seq-len", type=int, default=2048)
-    p.add_argument("--warmup", type=int, default=5)
-    p.add_argument("--iters", type=int, default=20)
-    p.add_argument("--memory-only", action="store_true", help="only the fused linear+CE memory comparison")
-    p.add_argument("--memory-shape", default="8192,768,49152", help="N,D,V for the memory comparison")
-    p.add_argument("--no-memory", action="store_true")
+    p.add_argument("--dtype", default="bf16", choices=list(DTYPES), help="dtype of the timed kernels; default: bf16")
+    p.add_argument("--tokens", type=int, default=16384, help="tokens per batch (B*T) for the timings; default: 16384")
+    p.add_argument("--seq-len", type=int, default=2048, help="sequence length for RoPE and attention shapes; default: 2048")
+    p.add_argument("--warmup", type=int, default=5, help="untimed calls before timing each kernel; default: 5")
+    p.add_argument("--iters", type=int, default=20, help="timed calls per kernel (median reported); default: 20")
+    p.add_argument("--memory-only", action="store_true", help="only the fused linear+CE memory comparison; default: off")
+    p.add_argument("--memory-shape", default="", help="N,D,V (tokens, hidden, vocab) for the memory comparison; "
+                   f"default: {CUDA_MEMORY_SHAPE} on CUDA, {CPU_MEMORY_SHAPE} on CPU (the full one needs ~8.4 GB)")
+    p.add_argument("--no-memory", action="store_true", help="skip the memory comparison; default: off")
     p.add_argument("--memory-child", nargs=4, metavar=("PATH", "N", "D", "V"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.memory_child:
         path, n, d, v = args.memory_child
         return memory_child(path, int(n), int(d), int(v))
+    args.memory_shape = args.memory_shape or (CUDA_MEMORY_SHAPE if torch.cuda.is_available() else CPU_MEMORY_SHAPE)
     if len(args.memory_shape.split(",")) != 3:
         raise FurnaceError(f"--memory-shape {args.memory_shape!r}: expected N,D,V such as 8192,768,49152")
     report = {"conditions": conditions(args), "timings": [], "memory": None, "notes": []}
@@ -261,6 +267,11 @@ def main(argv=None):
             report["notes"].append(msg)
     if not args.no_memory:
         report["memory"] = run_memory(args.memory_shape)
+    # this machine's peak memory for the whole run is at most this process's peak plus its largest child's
+    # (the memory children run one at a time)
+    own, child = (resource.getrusage(w).ru_maxrss * 1024 for w in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))
+    report["peak_rss_mib"] = {"self": round(own / 2**20, 1), "largest_child": round(child / 2**20, 1),
+                              "bound": round((own + child) / 2**20, 1)}
     print(json.dumps(report))
     return 0
 

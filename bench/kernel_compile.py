@@ -275,15 +275,15 @@ def write_readme(results, meta) -> None:
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--targets", default="sm_80,sm_89,sm_90,sm_120")
-    p.add_argument("--dtypes", default=",".join(DTYPES))
+    p.add_argument("--targets", default="sm_80,sm_89,sm_90,sm_120", help="GPU architectures to compile for; default: sm_80,sm_89,sm_90,sm_120")
+    p.add_argument("--dtypes", default=",".join(DTYPES), help=f"kernel dtypes; default: {','.join(DTYPES)}")
     p.add_argument("--presets", default="", help="comma-separated presets (default: all)")
-    p.add_argument("--rows", default=",".join(map(str, ROWS)), help="row (token) counts to take configurations for")
+    p.add_argument("--rows", default=",".join(map(str, ROWS)), help=f"row (token) counts to take configurations for; default: {','.join(map(str, ROWS))}")
     p.add_argument("--kernels", default="", help="comma-separated kernel names (default: all in kernels/)")
     p.add_argument("--config", default="", help="check one explicit configuration instead: "
-                   "KERNEL:NAME=INT,...,num_warps=N (the kernel's first case with these overrides)")
-    p.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="parallel compile processes")
-    p.add_argument("--write-readme", action="store_true", help="rewrite the table in kernels/README.md (full set only)")
+                   "KERNEL:NAME=INT,...,num_warps=N (the kernel's first case with these overrides); default: the full set")
+    p.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="parallel compile processes; default: all cores")
+    p.add_argument("--write-readme", action="store_true", help="rewrite the table in kernels/README.md (full set only); default: off")
     args = p.parse_args(argv)
     os.environ.pop("TRITON_INTERPRET", None)        # compile for GPUs: kernels must not be built interpreted
     try:

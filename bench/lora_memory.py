@@ -61,14 +61,17 @@ def measure(preset: str, rank: int, targets: str, batch: int, seq_len: int, step
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--presets", default="112m,0.5b")
-    p.add_argument("--ranks", default="0,8,16", help="0 = full fine-tuning")
-    p.add_argument("--targets", default="q,k,v,o")
-    p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--seq-len", type=int, default=256)
-    p.add_argument("--steps", type=int, default=2)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--json")
+    p.add_argument("--presets", default="112m,0.5b",
+                   help="comma-separated model presets to measure; default: 112m,0.5b")
+    p.add_argument("--ranks", default="0,8,16",
+                   help="comma-separated LoRA ranks; 0 = full fine-tuning; default: 0,8,16")
+    p.add_argument("--targets", default="q,k,v,o",
+                   help="projections that get adapters (any of q,k,v,o,gate,up,down); default: q,k,v,o")
+    p.add_argument("--batch", type=int, default=1, help="sequences per training step; default: 1")
+    p.add_argument("--seq-len", type=int, default=256, help="tokens per sequence; default: 256")
+    p.add_argument("--steps", type=int, default=2, help="optimizer steps measured per configuration; default: 2")
+    p.add_argument("--device", default="cpu", help="torch device to measure on (cpu, cuda); default: cpu")
+    p.add_argument("--json", help="also write the report (JSON) to this file; default: none")
     p.add_argument("--one", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     if a.one:

@@ -222,17 +222,17 @@ async def load_run(url: str, prompts: list[str], n: int, concurrency: int, p_dro
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", default="112m")
-    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "int8"])
-    p.add_argument("--levels", default="1,4,16", help="concurrent clients per level (1 = one request at a time)")
-    p.add_argument("--requests", type=int, default=16, help="requests per level (the same ones at every level)")
-    p.add_argument("--prompt-chars", type=int, default=240, help="prompt length in characters (~60-80 tokens)")
-    p.add_argument("--new-tokens", type=int, default=32)
-    p.add_argument("--load-requests", type=int, default=200)
-    p.add_argument("--load-concurrency", type=int, default=16)
-    p.add_argument("--drop", type=float, default=0.25, help="fraction of load-run clients that leave mid-answer")
+    p.add_argument("--preset", default="112m", help="model preset served (random weights); default: 112m")
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "int8"], help="weight precision; default: fp32")
+    p.add_argument("--levels", default="1,4,16", help="concurrent clients per level (1 = one request at a time); default: 1,4,16")
+    p.add_argument("--requests", type=int, default=16, help="requests per level (the same ones at every level); default: 16")
+    p.add_argument("--prompt-chars", type=int, default=240, help="prompt length in characters (~60-80 tokens); default: 240")
+    p.add_argument("--new-tokens", type=int, default=32, help="tokens generated per request; default: 32")
+    p.add_argument("--load-requests", type=int, default=200, help="requests in the load run; default: 200")
+    p.add_argument("--load-concurrency", type=int, default=16, help="concurrent clients in the load run; default: 16")
+    p.add_argument("--drop", type=float, default=0.25, help="fraction of load-run clients that leave mid-answer; default: 0.25")
     p.add_argument("--threads", type=int, default=None, help="server threads (default: physical cores)")
-    p.add_argument("--json", default=None, help="also write the JSON document here")
+    p.add_argument("--json", default=None, help="also write the JSON document here; default: none")
     args = p.parse_args(argv)
     levels = [int(x) for x in args.levels.split(",") if x]
     if not levels or min(levels) < 1 or args.requests < 1 or args.load_requests < 0:

@@ -31,18 +31,18 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="", help="model preset (default: 112m on a GPU, tiny on a CPU)")
-    p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated subset of {','.join(VARIANTS)}")
+    p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated subset of {','.join(VARIANTS)}; default: all")
     p.add_argument("--precisions", default=",".join(DEFAULT_PRECISIONS),
-                   help=f"comma-separated subset of {','.join(PRECISIONS)} (fp32 only on request)")
+                   help=f"comma-separated subset of {','.join(PRECISIONS)}; default: {','.join(DEFAULT_PRECISIONS)} (fp32 only on request)")
     p.add_argument("--batch-size", type=int, default=0, help="sequences per step (default: 16 GPU, 4 CPU)")
     p.add_argument("--seq-len", type=int, default=0, help="tokens per sequence (default: 2048 GPU, 128 CPU, "
                    "capped at the preset's context)")
     p.add_argument("--steps", type=int, default=0, help="timed steps per row (default: 20 GPU, 8 CPU)")
     p.add_argument("--warmup", type=int, default=-1, help="untimed warm-up steps per row, compile included "
                    "(default: 5 GPU, 3 CPU)")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    p.add_argument("--json", default="", help="also write the report to this JSON file")
-    p.add_argument("--plot", default="", help="write a PNG bar chart of tokens/s to this file")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N; default: auto (CUDA when present)")
+    p.add_argument("--json", default="", help="also write the report to this JSON file; default: none")
+    p.add_argument("--plot", default="", help="write a PNG bar chart of tokens/s to this file; default: none")
     p.add_argument("--worker", help=argparse.SUPPRESS)   # internal: measure one row (JSON spec) in this process
     args = p.parse_args(argv)
     if args.worker:

@@ -251,7 +251,23 @@ def _write_raw(sources, writers: dict, eos: int, vocab_size: int, val_fraction: 
     writers["train"].documents = writers["val"].documents = None
 
 
-def prepare(out_dir, sources=None, tokenizer: str = "train:4096", text_field: str = "text",
+def prepare(out_dir, *args, **kwargs) -> dict:
+    """`_prepare` (below), and when it fails or is interrupted, the folders it created (`out_dir` and any
+    missing parents) are removed again if they are empty: a failed run leaves nothing behind."""
+    out = Path(out_dir)
+    created = [p for p in (out, *out.parents) if not p.exists()]  # deepest first
+    try:
+        return _prepare(out_dir, *args, **kwargs)
+    except BaseException:
+        for d in created:
+            try:
+                d.rmdir()
+            except OSError:  # not empty (or already gone): it holds something this run did not create
+                break
+        raise
+
+
+def _prepare(out_dir, sources=None, tokenizer: str = "train:4096", text_field: str = "text",
             val_fraction: float = 0.01, max_tokens: int | None = None, shard_tokens: int = DEFAULT_SHARD_TOKENS,
             hf: str | None = None, hf_config: str | None = None, hf_split: str = "train",
             raw_uint16: bool = False, workers: int | None = None, progress: bool = True,

@@ -30,17 +30,17 @@ def main(argv=None):
     ap.add_argument("--text-field", default="text", help="text field of .jsonl/.parquet/--hf rows (default: text)")
     ap.add_argument("--val-fraction", type=float, default=0.01,
                     help="fraction of documents in the val split; the first document is always val (default: 0.01)")
-    ap.add_argument("--max-tokens", type=int, default=None, help="stop after this many tokens in total")
-    ap.add_argument("--max-files", type=int, default=None, help="use only the first N source files")
+    ap.add_argument("--max-tokens", type=int, default=None, help="stop after this many tokens in total; default: no limit")
+    ap.add_argument("--max-files", type=int, default=None, help="use only the first N source files; default: all")
     ap.add_argument("--shard-tokens", type=int, default=100_000_000, help="tokens per shard (default: 1e8)")
-    ap.add_argument("--hf", default=None, help="stream this Hugging Face dataset instead (needs network)")
-    ap.add_argument("--hf-config", default=None, help="dataset config, e.g. sample-10BT")
+    ap.add_argument("--hf", default=None, help="stream this Hugging Face dataset instead (needs network); default: none")
+    ap.add_argument("--hf-config", default=None, help="--hf dataset config, e.g. sample-10BT; default: the dataset's default")
     ap.add_argument("--hf-split", default="train", help="dataset split (default: train)")
     ap.add_argument("--raw-uint16", action="store_true",
-                    help="the --source files are headerless nanoGPT uint16 token files (train.bin)")
+                    help="the --source files are headerless nanoGPT uint16 token files (train.bin); default: off")
     ap.add_argument("--workers", type=int, default=None, help="tokenizer processes (default: all cores)")
-    ap.add_argument("--overwrite", action="store_true", help="replace prepared data already in --out")
-    ap.add_argument("--no-progress", action="store_true", help="no progress bar")
+    ap.add_argument("--overwrite", action="store_true", help="replace prepared data already in --out; default: off (refuse)")
+    ap.add_argument("--no-progress", action="store_true", help="no progress bar; default: a bar on a terminal")
     args = ap.parse_args(argv)
 
     from data.build import DEFAULT_DATA_DIR, prepare

@@ -1,10 +1,13 @@
 """Terminal chat (and plain completion) with a Furnace checkpoint, CPU by default.
 
-    python infer/chat.py --ckpt runs/sft                      # interactive; /reset, /exit, Ctrl-D
+    python infer/chat.py --ckpt runs/sft                      # interactive; /reset, /stats, /exit, Ctrl-D
     python infer/chat.py --ckpt runs/sft --prompt "Hi"        # answer once and exit
     python infer/chat.py --ckpt runs/base --complete --prompt "def fib(n):"
     python infer/chat.py --ckpt runs/sft --compile off        # start at once, decode in eager mode
-The read-answer loop: /reset, /exit (or Ctrl-D); Ctrl-C stops the current answer, not the program.
+The read-answer loop: /reset, /stats, /exit or /quit (or Ctrl-D); Ctrl-C stops the current answer, not the
+program. stdout holds only the conversation (answers, and the "> " prompts on a terminal; piped answers are
+separated by a blank line); every note (the runtime choices, made once before the first prompt, [stopped],
+--stats figures) goes to stderr. Exit codes: 0 done, 2 bad input (one line on stderr), 130 interrupted.
 """
 import sys
 from pathlib import Path
@@ -16,7 +19,8 @@ import argparse  # noqa: E402
 
 from kernels.common import FurnaceError, run_cli  # noqa: E402
 
-HELP = "commands: /reset (forget the conversation), /exit (or Ctrl-D); Ctrl-C stops the current answer"
+HELP = ("commands: /reset (forget the conversation), /stats (speed of the last answer), /exit or /quit (or "
+        "Ctrl-D); Ctrl-C stops the current answer")
 
 
 def _out(text: str) -> None:
@@ -41,6 +45,9 @@ def make_session(args):
     decoder = Decoder(model)
     if wants_compile(args.compile, model):
         decoder.compile()
+    warm_up(model)
+    if not args.complete:
+        check_chat_trained(args.ckpt)
     kw = dict(sampling=sampling, max_new_tokens=args.max_new_tokens, seed=args.seed, write=_out, notice=_note,
               decoder=decoder)
     if args.complete:
@@ -48,14 +55,52 @@ def make_session(args):
     return ChatSession(model, tok, system=args.system, **kw)
 
 
-def _answer(session, text: str) -> None:
+def warm_up(model) -> None:
+    """One forward pass before the first prompt, so the runtime choices it makes once (kernels, attention
+    backend) are logged now, on stderr, and never in the middle of an answer."""
+    import torch
+    with torch.inference_mode():
+        model(torch.zeros((1, 1), dtype=torch.long, device=model.embed.weight.device))
+
+
+def check_chat_trained(ckpt) -> None:
+    """A checkpoint that never went through sft/ (no chat_template.json beside its weights) does not know the
+    chat format: say so, and what to use instead."""
+    from model.io import resolve_checkpoint
+    from sft.common import CHAT_TEMPLATE_FILE
+    d = resolve_checkpoint(ckpt)
+    if not (d / CHAT_TEMPLATE_FILE).is_file():
+        _note(f"note: {d} was not fine-tuned for chat (no {CHAT_TEMPLATE_FILE}: a pretraining checkpoint?); its "
+              f"chat answers will be noise. Use --complete for plain continuation, or fine-tune it with "
+              f"python sft/train_sft.py --init {ckpt}")
+
+
+class Stats:
+    """Tokens and seconds of the last answer (prompt processing included)."""
+
+    def __init__(self):
+        self.tokens, self.seconds = 0, 0.0
+
+    def line(self) -> str:
+        if not self.tokens:
+            return "[stats: no answer yet]"
+        return f"[stats: {self.tokens} tokens in {self.seconds:.2f} s, {self.tokens / self.seconds:.1f} tokens/s]"
+
+
+def _answer(session, text: str, stats: Stats, show_stats: bool) -> None:
+    import time
+    t0 = time.perf_counter()
     if not hasattr(session, "respond"):  # a CompletionSession
-        _, interrupted = session.complete(text)
+        answer, interrupted = session.complete(text)
     else:
-        _, interrupted = session.respond(text)
+        answer, interrupted = session.respond(text)
+    stats.seconds = time.perf_counter() - t0
+    stats.tokens = len(session.tok.encode(answer)) if answer else 0
     _out("\n")
     if interrupted:
         _note("[stopped]")
+    if show_stats:
+        _note(stats.line())
 
 
 def _read(interactive: bool) -> str | None:
@@ -74,10 +119,12 @@ def _read(interactive: bool) -> str | None:
 
 def run_chat(args) -> int:
     session = make_session(args)
+    stats = Stats()
     if args.prompt is not None:
-        _answer(session, args.prompt)
+        _answer(session, args.prompt, stats, args.stats)
         return 0
     interactive = sys.stdin.isatty()
+    answered = False
     if interactive:
         _note(HELP)
     while True:
@@ -91,6 +138,9 @@ def run_chat(args) -> int:
             continue
         if cmd in ("/exit", "/quit"):
             return 0
+        if cmd == "/stats":
+            _note(stats.line())
+            continue
         if cmd == "/reset":
             if hasattr(session, "reset"):
                 session.reset()
@@ -101,29 +151,38 @@ def run_chat(args) -> int:
             continue
         if interactive and hasattr(session, "respond"):
             _out("assistant: ")
-        _answer(session, line)
+        elif not interactive and answered:
+            _out("\n")  # piped: a blank line between answers
+        _answer(session, line, stats, args.stats)
+        answered = True
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--ckpt", required=True, help="checkpoint folder or training run folder (newest checkpoint)")
+    p.add_argument("--ckpt", required=True, help="checkpoint folder or training run folder (its newest checkpoint); required")
     p.add_argument("--tokenizer", help="tokenizer.json or folder holding it (default: the checkpoint's)")
-    p.add_argument("--system", help="system message for chat mode")
-    p.add_argument("--prompt", help="answer this one message (or complete this text with --complete) and exit")
-    p.add_argument("--complete", action="store_true", help="plain continuation, no chat template (pretrain-only checkpoints)")
-    p.add_argument("--max-new-tokens", type=int, default=256)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    p.add_argument("--top-k", type=int, default=None)
-    p.add_argument("--top-p", type=float, default=None)
-    p.add_argument("--repetition-penalty", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--system", help="system message for chat mode; default: none")
+    p.add_argument("--prompt", help="answer this one message (or complete this text with --complete) and exit; "
+                                    "default: read messages from the terminal or stdin")
+    p.add_argument("--complete", action="store_true",
+                   help="plain continuation, no chat template (pretrain-only checkpoints); default: off (chat)")
+    p.add_argument("--stats", action="store_true",
+                   help="after each answer, print its tokens and tokens/s on stderr (or type /stats); default: off")
+    p.add_argument("--max-new-tokens", type=int, default=256, help="longest answer, in tokens; default: 256")
+    p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature; default: 0 = greedy")
+    p.add_argument("--top-k", type=int, default=None, help="sample among the k likeliest tokens; default: all")
+    p.add_argument("--top-p", type=float, default=None,
+                   help="sample within this probability mass (nucleus); default: 1.0 (off)")
+    p.add_argument("--repetition-penalty", type=float, default=1.0,
+                   help="divide the logits of tokens already seen by this (> 1 repeats less); default: 1.0 (off)")
+    p.add_argument("--seed", type=int, default=None, help="sampling seed (answers repeat); default: random")
     p.add_argument("--dtype", choices=["auto", "fp32", "bf16", "int8"], default="auto",
-                   help="auto = int8 on CPU, bf16 on CUDA")
+                   help="weight precision; default: auto = int8 on CPU, bf16 on CUDA")
     p.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N or auto")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: physical cores)")
     p.add_argument("--compile", choices=["auto", "on", "off"], default="auto",
                    help="compile the CPU decode step (~1.5x faster decode; the first start compiles for 30-45 s, "
-                        "later ones ~10 s). auto = on for models of >= 20M matmul parameters")
+                        "later ones ~10 s); default: auto = on for models of >= 20M matmul parameters")
     return run_chat(p.parse_args(argv))
 
 

@@ -24,7 +24,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("ckpt", help="checkpoint folder or training run folder (newest checkpoint)")
     p.add_argument("out", help="new .gguf file (never overwritten); OUT without .gguf + .Modelfile is written beside")
-    p.add_argument("--type", choices=TYPES, default="f16", help="matrix weight type (norms stay f32)")
+    p.add_argument("--type", choices=TYPES, default="f16", help="matrix weight type (norms stay f32); default: f16")
     p.add_argument("--tokenizer", help="tokenizer.json or folder holding it (default: the checkpoint's)")
     args = p.parse_args(argv)
     out = Path(args.out)

@@ -215,7 +215,7 @@ def main(argv=None):
     p.add_argument("ckpt", help="checkpoint folder or training run folder (newest checkpoint)")
     p.add_argument("out", help="new output folder (must not exist or be empty)")
     p.add_argument("--tokenizer", help="tokenizer.json or folder holding it (default: the checkpoint's)")
-    p.add_argument("--dtype", choices=list(DTYPES), default="fp32", help="weight dtype in model.safetensors")
+    p.add_argument("--dtype", choices=list(DTYPES), default="fp32", help="weight dtype in model.safetensors; default: fp32")
     args = p.parse_args(argv)
     from infer.runtime import load_tokenizer_for
     from model.io import load, resolve_checkpoint

@@ -140,3 +140,16 @@ def generate_batch(model: GPT, prompts: Sequence[Sequence[int]], max_new_tokens:
         logits = model.lm_head(h[:, -1]).float().cpu()                                # (B, V)
         pos += 1
     return out
+
+
+class PromptSampler:
+    """The sample a trainer shows at each evaluation: the greedy continuation of one fixed prompt, so the
+    samples of successive evaluations compare. `sampler(model) -> (prompt text, continuation text)`."""
+
+    def __init__(self, tokenizer, prompt_ids: Sequence[int], max_new_tokens: int = 48, stop_ids: Sequence[int] = ()):
+        self.tok, self.prompt_ids = tokenizer, list(prompt_ids)
+        self.max_new_tokens, self.stop_ids = max_new_tokens, tuple(stop_ids)
+
+    def __call__(self, model: GPT) -> tuple[str, str]:
+        out = generate(model, self.prompt_ids, self.max_new_tokens, stop_ids=self.stop_ids)
+        return self.tok.decode(self.prompt_ids), self.tok.decode([t for t in out if t not in self.stop_ids])

@@ -16,18 +16,18 @@ from kernels.common import FurnaceError, run_cli  # noqa: E402
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--ckpt", required=True, help="checkpoint folder or training run folder (newest checkpoint)")
+    p.add_argument("--ckpt", required=True, help="checkpoint folder or training run folder (its newest checkpoint); required")
     p.add_argument("--tokenizer", help="tokenizer.json or folder holding it (default: the checkpoint's)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--port", type=int, default=8000, help="TCP port to listen on; default: 8000")
     p.add_argument("--dtype", choices=["fp32", "bf16", "int8"], default="fp32",
                    help="fp32 (default: greedy answers do not depend on the batch), bf16, int8 (fastest; its "
                         "activations are quantized per batch, so answers may depend slightly on other requests)")
     p.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N or auto")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: physical cores)")
-    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/ requests")
-    p.add_argument("--max-slots", type=int, default=8, help="requests decoded together in one batch")
-    p.add_argument("--max-queue", type=int, default=64, help="requests that may wait for a slot; more get 429")
+    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/ requests; default: none (no key)")
+    p.add_argument("--max-slots", type=int, default=8, help="requests decoded together in one batch; default: 8")
+    p.add_argument("--max-queue", type=int, default=64, help="requests that may wait for a slot; more get 429; default: 64")
     p.add_argument("--model-name", default=None, help="the model id clients pass (default: the checkpoint "
                                                        "folder's name)")
     args = p.parse_args(argv)

@@ -57,6 +57,15 @@ def _fsync_dir(d: Path) -> None:
         os.close(fd)
 
 
+def umask_mode(path: str | os.PathLike) -> None:
+    """Give a new file the permissions the user's umask gives (0644 under umask 022): files written by a
+    library that creates them private (safetensors: 0600) or through a temporary file end up like every
+    other output."""
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(path, 0o666 & ~mask)
+
+
 def _fsync_file(f: Path) -> None:
     with open(f, "rb") as fh:
         os.fsync(fh.fileno())
@@ -72,6 +81,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         with disk_full_guard(path):
             yield tmp
             _fsync_file(tmp)
+            umask_mode(tmp)
             os.replace(tmp, path)
         _fsync_dir(path.parent)
     finally:
@@ -113,6 +123,7 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
             yield tmp
             for f in tmp.iterdir():  # the folder's files reach the disk before its name does
                 if f.is_file():
+                    umask_mode(f)
                     _fsync_file(f)
             if path.exists():
                 shutil.rmtree(path)

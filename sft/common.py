@@ -30,7 +30,7 @@ RESUME_DEFINING = ("kind", "val_data", "skip_bad", "truncate", "beta", "lora_ran
 @dataclass
 class FinetuneOptions:
     """The flags TrainOptions does not have (saved in OUT/config.json under "finetune")."""
-    kind: str = "sft"          # the method: sft | dpo
+    kind: str = "sft"          # the method: sft | dpo | grpo
     val_data: str = ""         # files like --data; empty = hold out a slice of --data
     skip_bad: bool = False     # skip (and count) bad records instead of stopping at the first
     truncate: bool = False     # cut over-long examples (oldest turns first) instead of treating them as bad
@@ -43,27 +43,81 @@ class FinetuneOptions:
     merge: bool = False        # LoRA: after training also write OUT/merged, a full checkpoint
 
 
+UNITS = {"sft": "examples", "dpo": "preference pairs", "grpo": "prompts (each sampled --num-generations times)"}
+DATA_HELP = {"sft": "SFT records", "dpo": "DPO preference records",
+             "grpo": "GRPO records ({\"prompt\": ..., \"answer\": ...})"}
+DEFAULT_DATA = {"sft": "the offline SFT dataset built from the stdlib",
+                "dpo": "the offline DPO dataset built from the stdlib",
+                "grpo": "the offline arithmetic task (runs/data/grpo-arith)"}
+INIT_HELP = {"sft": "a pretrained run, e.g. runs/tiny-stdlib-bpe4096", "dpo": "an SFT run", "grpo": "an SFT run"}
+
+
+def help_overrides(kind: str) -> dict[str, str]:
+    """The help lines of TrainOptions fields whose meaning or default differs when fine-tuning."""
+    d = DEFAULTS[kind]
+    steps = ("one pass over the prompts (times --num-iterations)" if kind == "grpo"
+             else f"{DEFAULT_EPOCHS} epochs over --data")
+    return {
+        "data": f"{DATA_HELP[kind]}: .jsonl/.json files, folders of them or hf:NAME[:SPLIT] "
+                f"(formats: sft/README.md); default: {DEFAULT_DATA[kind]}",
+        "init": f"the checkpoint or run folder to fine-tune (required; {INIT_HELP[kind]})",
+        "max_steps": f"optimizer steps; default: {steps}",
+        "batch_size": f"{UNITS[kind]} per micro-batch per device; default: {CPU_DEFAULTS['batch_size']} on CPU, "
+                      f"{GPU_DEFAULTS['batch_size']} on CUDA",
+        "seq_len": f"tokens per sequence; default: {CPU_DEFAULTS['seq_len']} on CPU, {GPU_DEFAULTS['seq_len']} on "
+                   f"CUDA (capped by the model's context)",
+        "lr": f"peak learning rate; default: {d.lr:g}",
+        "min_lr": f"learning rate at the end of the schedule; default: {d.min_lr:g}",
+        "schedule": f"learning-rate decay after warm-up; default: {d.schedule}",
+        "grad_clip": f"clip the gradient's global L2 norm to this; 0 = off; default: {d.grad_clip:g}",
+        "out": f"run folder; default: runs/{kind}-<init folder name>, or -2, -3... when taken",
+        "sample_prompt": "user message answered at each evaluation (printed and saved in samples.jsonl); \"none\" = "
+                         "no samples; default: a request for a small Python function",
+    }
+
+
+# TrainOptions fields a method refuses (not listed in its --help): the model's shape comes from --init, --tokens
+# counts pretraining tokens; DPO has no z-loss and evaluates every held-out pair; GRPO's loss is its own (no
+# z-loss) and it evaluates the held-out prompts' greedy replies (up to 64), not a token budget.
+REFUSED = {"sft": ("preset", "tokens"), "dpo": ("preset", "tokens", "z_loss", "eval_tokens"),
+           "grpo": ("preset", "tokens", "z_loss", "eval_tokens")}
+
+
 def parse(kind: str, description: str, argv, parents=()) -> tuple[TrainOptions, FinetuneOptions]:
     """The method's flags: TrainOptions' with its own defaults, plus FinetuneOptions'; checked here.
     `parents`: argparse parsers (add_help=False) holding a method's own flags, so --help shows them (GRPO)."""
+    from kernels.common import EXIT_CODES
     ap = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                 parents=list(parents))
-    add_arguments(ap, DEFAULTS[kind])
+                                 epilog=EXIT_CODES, parents=list(parents))
+    groups = add_arguments(ap, DEFAULTS[kind], exclude=REFUSED[kind], help_overrides=help_overrides(kind))
     g = ap.add_argument_group("fine-tuning")
-    g.add_argument("--val-data", default="", help="held-out files (like --data); default: every 20th example of --data")
-    g.add_argument("--skip-bad", action="store_true", help="skip bad records (counted in the summary) instead of stopping")
+    g.add_argument("--val-data", default="", metavar="S",
+                   help="held-out records (like --data); default: every 20th example of --data (none under 40)")
+    g.add_argument("--skip-bad", action="store_true",
+                   help="skip bad records (counted in the summary) instead of stopping at the first; default: off")
     g.add_argument("--truncate", action="store_true",
-                   help="cut examples longer than --seq-len (oldest turns first, then the end) instead of treating them as bad")
+                   help="cut examples longer than --seq-len (oldest turns first, then the end) instead of treating "
+                        "them as bad; default: off")
     if kind == "dpo":
-        g.add_argument("--beta", type=float, default=0.1, help="DPO temperature (default: 0.1)")
-        g.add_argument("--ref-cache", default="", help="reference log-prob cache folder (default: runs/cache/dpo-ref)")
+        g.add_argument("--beta", type=float, default=0.1, metavar="X",
+                       help="DPO temperature: how far the policy may move from the reference; default: 0.1")
+        g.add_argument("--ref-cache", default="", metavar="S",
+                       help="reference log-prob cache folder; default: runs/cache/dpo-ref")
     if kind in ("sft", "dpo"):
         lg = ap.add_argument_group("LoRA (model/lora.py)")
-        lg.add_argument("--lora-rank", type=int, default=0, help="adapter rank, e.g. 8 or 16 (default 0: full fine-tuning)")
-        lg.add_argument("--lora-alpha", type=float, default=16.0, help="adapter scale = alpha / rank (default: 16)")
-        lg.add_argument("--lora-dropout", type=float, default=0.0, help="dropout on the adapter's input (default: 0)")
-        lg.add_argument("--lora-targets", default="q,k,v,o", help="any of q,k,v,o,gate,up,down (default: q,k,v,o)")
-        lg.add_argument("--merge", action="store_true", help="after training also write OUT/merged, a full checkpoint")
+        lg.add_argument("--lora-rank", type=int, default=0, metavar="N",
+                        help="rank of the low-rank adapters (e.g. 8 or 16); 0 = full fine-tuning; default: 0")
+        lg.add_argument("--lora-alpha", type=float, default=16.0, metavar="X",
+                        help="adapter scale numerator: the update is scaled by alpha / rank; default: 16")
+        lg.add_argument("--lora-dropout", type=float, default=0.0, metavar="X",
+                        help="dropout probability on the adapter's input (0 to 1); default: 0 (off)")
+        lg.add_argument("--lora-targets", default="q,k,v,o", metavar="S",
+                        help="comma-separated projections that get adapters, any of q,k,v,o,gate,up,down; "
+                             "default: q,k,v,o")
+        lg.add_argument("--merge", action="store_true",
+                        help="after training also write OUT/merged, a full checkpoint with the adapters folded "
+                             "in; default: off")
+    del groups
     args = ap.parse_args(argv)
     opts = options_from_args(args, DEFAULTS[kind])
     ft = FinetuneOptions(kind=kind, val_data=args.val_data, skip_bad=args.skip_bad, truncate=args.truncate,
@@ -78,8 +132,6 @@ def parse(kind: str, description: str, argv, parents=()) -> tuple[TrainOptions, 
     if not opts.init:
         what = "a pretrained run, e.g. --init runs/tiny-stdlib-bpe4096" if kind == "sft" else "an SFT run"
         raise FurnaceError(f"--init is required: the checkpoint or run folder to fine-tune ({what})")
-    if opts.preset:
-        raise FurnaceError(f"--preset {opts.preset}: fine-tuning takes the model's shape from --init; drop --preset")
     if kind == "dpo" and not ft.beta > 0:
         raise FurnaceError(f"--beta {ft.beta}: expected > 0 (e.g. 0.1)")
     return opts, ft
@@ -106,6 +158,8 @@ def run(opts: TrainOptions, ft: FinetuneOptions, make_task) -> dict:
         if ft.lora_rank:
             add_lora(job, ft)
         task, record = make_task(opts, ft, rt, job)
+        if opts.sample_prompt != "none":
+            task.sample = chat_sampler(job.tok, opts.sample_prompt or SAMPLE_PROMPT)
         trainable = sum(p.numel() for p in job.model.parameters() if p.requires_grad)
         record = {"finetune": asdict(ft), "init_checkpoint": str(job.init_ckpt), "chat_template": "chatml",
                   "trainable_params": trainable, **record}
@@ -138,6 +192,17 @@ def add_lora(job: Job, ft: FinetuneOptions) -> None:
     total = sum(p.numel() for p in job.model.parameters())
     log.info(f"LoRA: rank {cfg.rank}, alpha {cfg.alpha}, dropout {cfg.dropout}, targets {','.join(cfg.targets)}: "
              f"{n:,} trainable of {total:,} parameters ({100 * n / total:.2f}%); base {base} frozen")
+
+
+SAMPLE_PROMPT = "Write a Python function that returns the sum of a list of numbers."
+
+
+def chat_sampler(tok, text: str):
+    """The fixed user message answered at each evaluation, through the one chat template."""
+    from data.chat_template import encode_chat, stop_ids
+    from infer.generation import PromptSampler
+    ids = encode_chat(tok, [{"role": "user", "content": text}], add_generation_prompt=True)
+    return PromptSampler(tok, ids, max_new_tokens=64, stop_ids=stop_ids(tok))
 
 
 def open_job(opts: TrainOptions, ft: FinetuneOptions, rt) -> Job:

@@ -95,9 +95,11 @@ def iter_records(source: str, bad: BadRecords) -> Iterator[tuple[str, object]]:
             if not raw.strip():
                 continue
             try:
-                yield f"{path}:{n}", json.loads(raw)
-            except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                bad.report(f"{path}:{n}", f"malformed JSON line ({e})")
+                yield f"{path}:{n}", json.loads(raw.rstrip(b"\r\n"))
+            except json.JSONDecodeError as e:  # its own "line 1 column N" is this line's: say only the column
+                bad.report(f"{path}:{n}", f"malformed JSON at column {e.colno}: {e.msg}")
+            except UnicodeDecodeError as e:
+                bad.report(f"{path}:{n}", f"not UTF-8 (byte {e.start + 1} of the line)")
 
 
 def _iter_hf(source: str) -> Iterator[tuple[str, object]]:

@@ -147,7 +147,7 @@ class GRPOTask:
     def _ctx(self, device):
         return self.autocast(device.type) if self.autocast else torch.autocast(device.type, enabled=False)
 
-    def sample(self, prompts: list[list[int]], seeds, temperature: float) -> list[list[int]]:
+    def sample_completions(self, prompts: list[list[int]], seeds, temperature: float) -> list[list[int]]:
         from infer.generation import generate_batch
         model = self.policy
         was_training = model.training
@@ -170,7 +170,7 @@ class GRPOTask:
         seq = np.random.SeedSequence([self.seed, slot["batch"], self.rank, *slot["idx"]])
         seeds = seq.generate_state(len(prompts), dtype=np.uint32).tolist()
         t0 = time.perf_counter()
-        comps = self.sample(prompts, seeds, self.temperature)
+        comps = self.sample_completions(prompts, seeds, self.temperature)
         dt = time.perf_counter() - t0
         texts = [self.completion_text(c) for c in comps]
         r = torch.tensor(score(self.rewards, [it[1] for it in items for _ in range(self.G)], texts,
@@ -237,7 +237,7 @@ class GRPOTask:
         """Greedy replies to the held-out prompts: mean reward per function and in total (val_reward)."""
         if not self.val:
             return {}
-        comps = self.sample([v[0] for v in self.val], None, 0.0)
+        comps = self.sample_completions([v[0] for v in self.val], None, 0.0)
         texts = [self.completion_text(c) for c in comps]
         r = torch.tensor(score(self.rewards, [v[1] for v in self.val], texts, [v[2] for v in self.val]))
         w = torch.tensor([wt for _, _, wt in self.rewards])

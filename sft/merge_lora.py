@@ -21,9 +21,12 @@ log = logging.getLogger("furnace")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_meta.json", "chat_template.json")
 
 
-def merge_checkpoint(ckpt, out) -> Path:
+DTYPES = {"base": None, "fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+
+
+def merge_checkpoint(ckpt, out, dtype: str = "base") -> Path:
     """Write the merged full checkpoint of adapter checkpoint (or run) `ckpt` into the new folder `out`,
-    atomically (model.fileio.atomic_dir)."""
+    atomically (model.fileio.atomic_dir); `dtype` (DTYPES) casts the merged weights, "base": the base's dtype."""
     import shutil
 
     from model.fileio import atomic_dir
@@ -37,6 +40,9 @@ def merge_checkpoint(ckpt, out) -> Path:
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise FurnaceError(f"merge: output {out} already exists and is not empty; choose a new folder")
     model = load(src)                                   # base (hash-checked) + adapters, merged
+    if DTYPES[dtype]:
+        import torch
+        model = model.to(getattr(torch, DTYPES[dtype]))
     with atomic_dir(out) as tmp:
         save(model, tmp)
         for name in TOKENIZER_FILES:
@@ -46,11 +52,16 @@ def merge_checkpoint(ckpt, out) -> Path:
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    from kernels.common import EXIT_CODES
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog=EXIT_CODES)
     p.add_argument("ckpt", help="adapter checkpoint folder or LoRA training run folder (newest checkpoint)")
     p.add_argument("out", help="new output folder (must not exist or be empty)")
+    p.add_argument("--dtype", choices=list(DTYPES), default="base",
+                   help="precision of the merged weights (merging itself is done in fp32); base = the base "
+                        "checkpoint's own dtype; default: base")
     args = p.parse_args(argv)
-    out = merge_checkpoint(args.ckpt, args.out)
+    out = merge_checkpoint(args.ckpt, args.out, args.dtype)
     log.info(f"merged {args.ckpt} -> {out}")
     return 0
 

@@ -26,11 +26,11 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(ap)
     g = ap.add_argument_group("distillation")
-    g.add_argument("--teacher", required=True, help="teacher checkpoint or run folder (same tokenizer)")
+    g.add_argument("--teacher", required=True, help="teacher checkpoint or run folder, trained with the same tokenizer (required)")
     g.add_argument("--alpha", type=float, default=0.5, help="weight of the KL term, in [0, 1] (default: 0.5)")
     g.add_argument("--temperature", type=float, default=2.0, help="softmax temperature T > 0 (default: 2)")
     g.add_argument("--teacher-dtype", choices=TEACHER_DTYPES, default="auto",
-                   help="the teacher's own precision (auto: bf16 on CUDA, fp32 on CPU)")
+                   help="the teacher's own precision; auto = bf16 on CUDA, fp32 on CPU; default: auto")
     args = ap.parse_args(argv)
     opts = options_from_args(args)
     if not 0.0 <= args.alpha <= 1.0:

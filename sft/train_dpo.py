@@ -12,7 +12,7 @@ if __package__ in (None, ""):  # run as a file: put the repo root on sys.path
 
 import logging  # noqa: E402
 
-from kernels.common import run_cli  # noqa: E402
+from kernels.common import EXIT_INTERRUPTED, run_cli  # noqa: E402
 from sft.common import parse, run  # noqa: E402
 
 log = logging.getLogger("furnace")
@@ -20,7 +20,8 @@ log = logging.getLogger("furnace")
 
 def main(argv=None):
     opts, ft = parse("dpo", __doc__, argv)
-    run(opts, ft, dpo_task)
+    summary = run(opts, ft, dpo_task)
+    return EXIT_INTERRUPTED if summary.get("interrupted") else 0
 
 
 def dpo_task(opts, ft, rt, job):

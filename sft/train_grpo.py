@@ -39,17 +39,23 @@ def grpo_flags() -> argparse.ArgumentParser:
     d = GRPOOptions()
     ap = argparse.ArgumentParser(add_help=False)
     g = ap.add_argument_group("GRPO (--batch-size = prompts per micro-batch)")
-    g.add_argument("--num-generations", type=int, default=d.num_generations, help="completions per prompt (G, >= 2; default 8)")
-    g.add_argument("--num-iterations", type=int, default=d.num_iterations,
-                   help="optimizer steps on each batch of samples (old log-probs kept; default 1)")
-    g.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens, help="longest completion (default 32)")
-    g.add_argument("--temperature", type=float, default=d.temperature, help="sampling temperature (default 1.0)")
-    g.add_argument("--top-p", type=float, default=d.top_p, help="nucleus sampling mass (default 1.0 = off)")
-    g.add_argument("--epsilon", type=float, default=d.epsilon, help="clip range of the ratio (default 0.2)")
-    g.add_argument("--beta", type=float, default=0.04, help="weight of the k3 KL to the --init model (default 0.04; 0 = no reference)")
-    g.add_argument("--reward", default="", help="reward functions name[:weight],...: built in 'answer' (exact final "
-                   "answer), 'format' (<think>...</think> then an answer), or package.module.function "
-                   "(default: answer:1,format:0.5)")
+    g.add_argument("--num-generations", type=int, default=d.num_generations, metavar="N",
+                   help="completions sampled per prompt (the group G whose rewards are compared; >= 2); default: 8")
+    g.add_argument("--num-iterations", type=int, default=d.num_iterations, metavar="N",
+                   help="optimizer steps on each batch of samples (old log-probs kept); default: 1")
+    g.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens, metavar="N",
+                   help="longest completion, in tokens; default: 32")
+    g.add_argument("--temperature", type=float, default=d.temperature, metavar="X",
+                   help="sampling temperature of the rollouts (> 0); default: 1.0")
+    g.add_argument("--top-p", type=float, default=d.top_p, metavar="X",
+                   help="nucleus sampling probability mass of the rollouts; 1.0 = off; default: 1.0")
+    g.add_argument("--epsilon", type=float, default=d.epsilon, metavar="X",
+                   help="clip range of the policy ratio (1 - eps, 1 + eps); default: 0.2")
+    g.add_argument("--beta", type=float, default=0.04, metavar="X",
+                   help="weight of the k3 KL penalty to the --init model; 0 = no reference model; default: 0.04")
+    g.add_argument("--reward", default="", metavar="S",
+                   help="reward functions name[:weight],...: built in 'answer' (exact final answer), 'format' "
+                        "(<think>...</think> then an answer), or package.module.function; default: answer:1,format:0.5")
     return ap
 
 
@@ -79,8 +85,14 @@ def main(argv=None):
     import os
 
     from train.metrics import plot_losses
-    if os.environ.get("RANK", "0") == "0" and plot_losses(Path(opts.out), "reward", "val_reward", "reward.png"):
+    if os.environ.get("RANK", "0") == "0" and plot_losses(Path(opts.out), REWARD_PANELS, "reward.png"):
         log.info(f"reward curve: {Path(opts.out) / 'reward.png'}")
+
+
+# The panels of OUT/reward.png (train.metrics.plot_losses): the mean reward of the sampled completions and the
+# greedy replies' reward on the held-out prompts, then the completions' mean length.
+REWARD_PANELS = (("reward", [("reward", "train (mean of samples)", False), ("val_reward", "val (greedy)", True)]),
+                 ("completion length (tokens)", [("completion_len", "train", False)]))
 
 
 def default_task(val_data: str) -> tuple[str, str]:

@@ -13,7 +13,7 @@ if __package__ in (None, ""):  # run as a file: put the repo root on sys.path
 
 import logging  # noqa: E402
 
-from kernels.common import run_cli  # noqa: E402
+from kernels.common import EXIT_INTERRUPTED, run_cli  # noqa: E402
 from sft.common import parse, run  # noqa: E402
 
 log = logging.getLogger("furnace")
@@ -21,7 +21,9 @@ log = logging.getLogger("furnace")
 
 def main(argv=None):
     opts, ft = parse("sft", __doc__, argv)
-    run(opts, ft, sft_task)
+    summary = run(opts, ft, sft_task)
+    if summary.get("interrupted"):
+        return EXIT_INTERRUPTED
     log.info(f"then DPO: python sft/train_dpo.py --init {opts.out}")
 
 
@@ -33,6 +35,7 @@ def sft_task(opts, ft, rt, job):
     from sft.examples import build_sft_example
     from sft.formats import sft_messages
     from sft.packing import PackedSFTLoader
+    from train.trainer import eval_token_budget
     from train.task import LMTask
 
     train, val, record = read_data(opts, ft, job, sft_messages,
@@ -43,7 +46,9 @@ def sft_task(opts, ft, rt, job):
     st = loader.stats()
     set_max_steps(opts, rt.world_size, st["rows"])
     val_loader = PackedSFTLoader(val, opts.batch_size, opts.seq_len, pad, shuffle=False, device=rt.device) if val else None
-    eval_batches = (min(val_loader.batches_per_epoch(), max(1, opts.eval_tokens // (opts.batch_size * opts.seq_len)))
+    step_tokens = opts.batch_size * opts.seq_len * opts.grad_accum * rt.world_size
+    eval_batches = (min(val_loader.batches_per_epoch(),
+                        max(1, eval_token_budget(opts, step_tokens) // (opts.batch_size * opts.seq_len)))
                     if val_loader else 1)
     log.info(f"SFT: {len(train)} train / {len(val)} val examples; {st['rows']} packed rows of {opts.seq_len} per "
              f"epoch ({100 * st['fill']:.0f}% filled, {st['trained_per_row']:.0f} trained tokens per row); "

@@ -250,8 +250,14 @@ def test_interrupted_run_leaves_nothing_complete(tmp_path):
     src = write_docs(tmp_path / "src")
     (src / "zz.jsonl").write_text('{"text": "fine"}\n{"nope": 1}\n')  # fails after the .txt shards were written
     with pytest.raises(FurnaceError, match=r"zz.jsonl:2: no 'text' field"):
-        prepare(tmp_path / "out", sources=[src], tokenizer="train:300", shard_tokens=100, progress=False, workers=1)
-    assert list((tmp_path / "out").iterdir()) == []
+        prepare(tmp_path / "new" / "out", sources=[src], tokenizer="train:300", shard_tokens=100, progress=False,
+                workers=1)
+    assert sorted(tmp_path.iterdir()) == [src]                # removed again
+    assert not (tmp_path / "new").exists()                    # the folders the failed run created are gone too
+    (tmp_path / "kept").mkdir()
+    with pytest.raises(FurnaceError):
+        prepare(tmp_path / "kept", sources=[src], tokenizer="train:300", shard_tokens=100, progress=False, workers=1)
+    assert (tmp_path / "kept").is_dir() and list((tmp_path / "kept").iterdir()) == []  # it existed before: kept
     good = prepare(tmp_path / "good", sources=[write_docs(tmp_path / "s2")], tokenizer="train:300", progress=False)
     before = {f.name: f.read_bytes() for f in (tmp_path / "good").iterdir()}
     with pytest.raises(FurnaceError, match="already holds prepared data"):

@@ -52,7 +52,7 @@ def test_one_shot_two_turn_and_complete(ckpt):
         start(["--ckpt", str(d), "--complete", "--prompt", "the dog ran to the", "--max-new-tokens", "6",
                "--compile", "on"]),
     ]
-    stdin = [None, "the cat sat on the\n\n/unknown\none two three\n", None]
+    stdin = [None, "the cat sat on the\n\n/unknown\none two three\n/stats\n/quit\nnever read\n", None]
     results = [finish(p, s) for p, s in zip(procs, stdin)]
     for rc, out, err in results:
         assert rc == 0 and "Traceback" not in err, err
@@ -62,8 +62,14 @@ def test_one_shot_two_turn_and_complete(ckpt):
     assert one == reference_answers(model, tok, ["the cat sat on the"], max_new_tokens=12)[0] + "\n"
     expected = reference_answers(model, tok, ["the cat sat on the", "one two three"], system="be brief",
                                  max_new_tokens=12)
-    assert two == "".join(a + "\n" for a in expected)                   # the history carried into turn 2
-    assert "unknown command" in err2
+    # stdout holds only the conversation: the answers, a blank line between piped answers, no log line
+    assert two == "\n".join(a + "\n" for a in expected)                 # the history carried into turn 2
+    assert "unknown command" in err2 and "/quit" in err2                # the help lists what works
+    assert "kernels: " in err2 and "attention: " in err2                # the runtime choices, on stderr
+    assert f"[stats: {len(tok.encode(expected[1]))} tokens in " in err2
+    # a checkpoint that never went through sft/ says so in chat mode, not in --complete mode
+    assert "not fine-tuned for chat" in err2 and "--complete" in err2
+    assert "not fine-tuned for chat" not in results[2][2]
     # Plain continuation of the learned text; the CLI's default int8 with the compiled decode step keeps it.
     assert comp.startswith(" park.")
 

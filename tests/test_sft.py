@@ -194,7 +194,8 @@ SMALL = ["--batch-size", "2", "--seq-len", "128", "--log-every", "1", "--warmup"
 
 
 @pytest.mark.parametrize("records, raw, where, msg", [
-    ([], ['{"conversations": [\n'], ":1:", "malformed JSON line"),
+    ([], ['{"conversations": [\n'], ":1:", "malformed JSON at column 20: Expecting value"),
+    (GOOD[:1], ['{"a": 1} x\n'], ":2:", "malformed JSON at column 10: Extra data"),
     (GOOD[:2] + [{"messages": [{"content": "hi"}, {"role": "assistant", "content": "yo"}]}], [], ":3:", "has no 'role'"),
     ([{"instruction": "do it"}], [], ":1:", "'output' is missing"),
     ([{"conversations": [{"role": "system", "content": "s"}, {"role": "user", "content": "u"}]}], [], ":1:",
@@ -209,6 +210,8 @@ def test_bad_input_is_one_line_naming_file_and_line(tmp_path, init_ckpt, records
     assert p.returncode == 2, p.stderr
     err = [ln for ln in p.stderr.splitlines() if ln.startswith("error:")]
     assert len(err) == 1 and f"{f}{where}" in err[0] and msg in err[0], p.stderr
+    if "JSON" in msg:
+        assert " line " not in err[0]                         # the file's line only, not the decoder's own
     assert "Traceback" not in p.stderr
     assert not (tmp_path / "o").exists()                      # nothing written: the same --out works once fixed
 

@@ -136,8 +136,11 @@ def last_good_checkpoint(run_dir: Path) -> str:
 
 
 def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, state: dict, tokenizer_dir: Path | None,
-                    keep_last: int, ema: dict | None = None) -> Path:
-    """Write step `step` atomically (checksummed), then drop all but the newest `keep_last` checkpoints."""
+                    keep_last: int, ema: dict | None = None, weights_only_older: bool = False) -> Path:
+    """Write step `step` atomically (checksummed), then drop all but the newest `keep_last` checkpoints.
+    `weights_only_older` (--keep-weights-only): the kept checkpoints other than the newest lose their trainer
+    state and EMA (about two thirds of their size; their checksums.json is rewritten) and keep their weights:
+    loadable, no longer resumable."""
     ck_root = run_dir / "checkpoints"
     ck_root.mkdir(parents=True, exist_ok=True)
     final = ck_root / f"step_{step:08d}"
@@ -155,6 +158,12 @@ def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, state: dic
                   key=checkpoint_step)
     for old in done[:-keep_last]:
         shutil.rmtree(old)
+    if weights_only_older:
+        for old in done[-keep_last:-1]:
+            if (old / STATE_FILE).exists():
+                for name in (STATE_FILE, STATE_TENSORS, "ema.safetensors"):
+                    (old / name).unlink(missing_ok=True)
+                write_checksums(old)
     return final
 
 

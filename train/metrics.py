@@ -44,11 +44,14 @@ class MetricsLog:
         self.enabled = enabled
         self.wandb = wandb_run
         self._f = open(self.path, "a") if enabled else None
+        self.last: dict = {}  # the last training-step record (for the summary)
 
     def write(self, record: dict) -> None:
         if not self.enabled:
             return
         rec = {k: (round(v, 6) if isinstance(v, float) else v) for k, v in record.items() if v is not None}
+        if "loss" in rec:
+            self.last = rec
         with disk_full_guard(self.path):
             self._f.write(json.dumps(rec) + "\n")
             self._f.flush()
@@ -87,31 +90,83 @@ def init_wandb(opts, run_dir: Path, run_id: str | None, config: dict):
     return run, run.id
 
 
-def plot_losses(run_dir: Path, key: str = "loss", val_key: str = "val_loss", name: str = "loss.png") -> Path | None:
-    """OUT/loss.png from metrics.jsonl when matplotlib is present (other keys: GRPO's OUT/reward.png)."""
+# The panels of OUT/loss.png: (title, [(metrics.jsonl key, label, drawn with markers: an evaluation)]).
+# A panel is drawn when any of its keys was logged (DPO's reward panels, for instance).
+PANELS = (("loss", [("loss", "train", False), ("val_loss", "val", True)]),
+          ("reward accuracy (DPO)", [("reward_acc", "train", False), ("val_reward_acc", "val", True)]),
+          ("reward margin (DPO)", [("reward_margin", "train", False), ("val_reward_margin", "val", True)]),
+          ("learning rate", [("lr", "lr", False)]),
+          ("throughput", [("tokens_per_s", "units/s", False)]))
+
+
+def plot_losses(run_dir: Path, panels=PANELS, name: str = "loss.png") -> Path | None:
+    """OUT/<name> (OUT/loss.png by default) from metrics.jsonl when matplotlib is present: one panel per entry
+    of `panels` that has a logged key (by default loss (train and validation), the task's own metrics (DPO:
+    reward accuracy and margin), learning rate and throughput; GRPO passes its reward panels for
+    OUT/reward.png), against the step."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        log.info("loss plot skipped: matplotlib not installed")
+        log.info("loss plot skipped: matplotlib not installed (pip install matplotlib)")
         return None
-    steps, losses, vsteps, vlosses = [], [], [], []
+    series: dict[str, tuple[list, list]] = {}
     for ln in (run_dir / "metrics.jsonl").read_text().splitlines():
         r = json.loads(ln)
-        if key in r:
-            steps.append(r["step"]); losses.append(r[key])
-        if val_key in r:
-            vsteps.append(r["step"]); vlosses.append(r[val_key])
-    fig, ax = plt.subplots(figsize=(7, 4))
-    ax.plot(steps, losses, label="train", lw=1)
-    if vsteps:
-        ax.plot(vsteps, vlosses, "o-", label="val")
-    ax.set_xlabel("step"); ax.set_ylabel(key); ax.legend(); ax.grid(alpha=0.3)
+        for k, v in r.items():
+            if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool):
+                xs, ys = series.setdefault(k, ([], []))
+                xs.append(r["step"]); ys.append(v)
+    panels = [(t, [c for c in curves if c[0] in series]) for t, curves in panels]
+    panels = [(t, c) for t, c in panels if c]
+    fig, axes = plt.subplots(len(panels), 1, figsize=(7, 2.4 * len(panels)), sharex=True, squeeze=False)
+    for ax, (title, curves) in zip(axes[:, 0], panels):
+        for key, label, markers in curves:
+            ax.plot(*series[key], "o-" if markers else "-", label=label, lw=1, ms=3)
+        ax.set_title(title, fontsize=9, loc="left"); ax.grid(alpha=0.3)
+        if len(curves) > 1:
+            ax.legend(fontsize=8)
+    axes[-1, 0].set_xlabel("step")
     out = run_dir / name
     fig.savefig(out, dpi=100, bbox_inches="tight")
     plt.close(fig)
     return out
+
+
+def format_duration(seconds: float) -> str:
+    """12s, 3m05s, 2h14m."""
+    s = int(round(seconds))
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    return f"{s // 3600}h{s % 3600 // 60:02d}m"
+
+
+def write_summary(run_dir: Path, summary: dict) -> Path:
+    """OUT/summary.json: the run's end record, for scripts (the console gets summary_lines)."""
+    from model.fileio import atomic_write_json
+    return atomic_write_json(run_dir / "summary.json", summary, default=str)
+
+
+def summary_lines(s: dict) -> list[str]:
+    """The end of a run for a person: what was done, how fast, the losses, where everything is."""
+    unit = {"tok": "tokens", "pair": "pairs"}.get(s.get("unit", "tok"), s.get("unit"))
+    rate = f", {s['tokens_per_s']:,.0f} {unit}/s" if s.get("tokens_per_s") else ""
+    head = "interrupted" if s.get("interrupted") else "done"
+    lines = [f"{head}: {s['steps']} steps, {s['tokens']:,} {unit} in {format_duration(s.get('seconds', 0))}{rate}"
+             + (f"; {s['skipped_steps']} non-finite steps skipped" if s.get("skipped_steps") else "")]
+    losses = [f"{k.replace('_', ' ')} {s[k]:.4f}" for k in ("final_loss", "val_loss", "val_reward_acc", "val_reward_margin")
+              if isinstance(s.get(k), float)]
+    if losses:
+        lines.append("  " + ", ".join(losses).replace("final loss", "train loss (last step)"))
+    if s.get("checkpoint"):
+        lines.append(f"  checkpoint: {s['checkpoint']}")
+    if s.get("plot"):
+        lines.append(f"  plots: {s['plot']} (loss, learning rate, throughput)")
+    lines.append(f"  record: {s.get('record')} (this summary), metrics.jsonl (every step)")
+    return lines
 
 
 def versions() -> dict:

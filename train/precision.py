@@ -93,9 +93,30 @@ def _te_status(device: torch.device) -> str:
     return ""
 
 
+# Known, harmless noise of importing torchao: its optional CUDA extensions that fail to load on a machine
+# without them ("Failed to load ..._C_mxfp8...so": float8 training does not use them) and torch's pytree
+# deprecation notice about its Enum registration. Silenced during the import only; the precision line says
+# which FP8 path runs.
+_TORCHAO_NOISY_LOGGERS = ("torchao", "torch.utils._pytree")
+
+
+@contextlib.contextmanager
+def _quiet_torchao_import():
+    loggers = [logging.getLogger(n) for n in _TORCHAO_NOISY_LOGGERS]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for lg, lvl in zip(loggers, levels):
+            lg.setLevel(lvl)
+
+
 def _torchao_status() -> str:
     try:
-        from torchao.float8 import convert_to_float8_training  # noqa: F401
+        with _quiet_torchao_import():
+            from torchao.float8 import convert_to_float8_training  # noqa: F401
     except Exception as e:
         return f"torchao float8 not importable ({type(e).__name__}: {str(e)[:80]})"
     return ""

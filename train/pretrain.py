@@ -15,7 +15,7 @@ if __package__ in (None, ""):  # run as a file: put the repo root on sys.path
 import argparse  # noqa: E402
 import logging  # noqa: E402
 
-from kernels.common import FurnaceError, run_cli  # noqa: E402
+from kernels.common import EXIT_CODES, EXIT_INTERRUPTED, FurnaceError, run_cli  # noqa: E402
 from train.options import TrainOptions, add_arguments, options_from_args  # noqa: E402
 
 log = logging.getLogger("furnace")
@@ -24,9 +24,11 @@ GPU_DEFAULTS = dict(preset="26m", batch_size=32, seq_len=1024, max_steps=2000)
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description="Pretrain a Llama-style GPT (defaults: the embedded corpus).")
+    ap = argparse.ArgumentParser(description="Pretrain a Llama-style GPT (defaults: the embedded corpus).",
+                                 epilog=EXIT_CODES)
     add_arguments(ap)
-    run(options_from_args(ap.parse_args(argv)))
+    summary = run(options_from_args(ap.parse_args(argv)))
+    return EXIT_INTERRUPTED if summary.get("interrupted") else 0
 
 
 def run(opts: TrainOptions) -> dict:
@@ -38,8 +40,9 @@ def run(opts: TrainOptions) -> dict:
         finally:
             trainer.task.train_loader.close()
             trainer.task.val_loader.close()
-        if rt.is_main:
-            log.info(f"chat with it: python infer/chat.py --ckpt {opts.out} --complete")
+        if rt.is_main and not summary.get("interrupted"):
+            log.info(f"next: python sft/train_sft.py --init {opts.out}   (or try it: python infer/chat.py "
+                     f"--ckpt {opts.out} --complete)")
         return summary
 
 
@@ -55,7 +58,7 @@ def build(opts: TrainOptions, rt, make_task=None):
     from train.options import RUN_DEFINING
     from train.setup import build_model, check_seq_len, default_out, latest_default_out, pad_vocab
     from train.task import LMTask
-    from train.trainer import Trainer
+    from train.trainer import Trainer, eval_token_budget
 
     resolve_defaults(opts, rt)
     sources = ensure_data(opts, rt)
@@ -87,14 +90,34 @@ def build(opts: TrainOptions, rt, make_task=None):
         raise FurnaceError(f"--init model has vocab {model.config.vocab_size} < the data tokenizer's {loader.vocab_size}")
 
     # --eval-tokens, but never more than one pass over the validation split
-    eval_batches = max(1, min(opts.eval_tokens // (opts.batch_size * opts.seq_len), val.batches_per_epoch))
+    step_tokens = opts.batch_size * opts.seq_len * opts.grad_accum * rt.world_size
+    eval_batches = max(1, min(eval_token_budget(opts, step_tokens) // (opts.batch_size * opts.seq_len),
+                              val.batches_per_epoch))
     log.info(f"model: {opts.preset}, {model.num_params() / 1e6:.2f}M params, vocab {model.config.vocab_size}; "
              f"batch {opts.batch_size}x{opts.seq_len}x{opts.grad_accum}x{rt.world_size}; {opts.max_steps} steps; "
              f"out {run_dir}")
     task = (make_task(loader, val, eval_batches, model, Path(sources[0][0])) if make_task else
             LMTask(loader, val, eval_batches, opts.z_loss, flops_per_token(model.config, opts.seq_len)))
+    task.sample = make_sampler(opts, sources[0][0], val)
     trainer = Trainer(opts, task, model, rt, run_dir, resume=resume_ckpt, tokenizer_dir=Path(sources[0][0]))
     return trainer, {"data": sources}
+
+
+def make_sampler(opts: TrainOptions, data_dir: str, val):
+    """The fixed prompt continued at each evaluation: --sample-prompt, else the first 16 tokens of the
+    validation split. None with --sample-prompt none or without a tokenizer."""
+    from data import load_tokenizer
+    from infer.generation import PromptSampler
+    if opts.sample_prompt == "none" or not (Path(data_dir) / "tokenizer.json").is_file():
+        return None
+    tok = load_tokenizer(data_dir)
+    if opts.sample_prompt:
+        ids = tok.encode(opts.sample_prompt) or [tok.eos_id]
+    else:
+        val.reset()
+        ids = val.next_batch()[0][0, :16].tolist()  # (B, T) -> the first window's first tokens
+        val.reset()
+    return PromptSampler(tok, ids, stop_ids=(tok.eos_id,))
 
 
 def resolve_defaults(opts: TrainOptions, rt) -> None:

@@ -75,6 +75,8 @@ def default_out(name: str) -> Path:
     i = 2
     while Path(f"{base}-{i}").exists():
         i += 1
+    log.info(f"out: {base} already holds a run: this one goes to {base}-{i} (pass this folder to the next "
+             f"command; --out chooses the folder)")
     return Path(f"{base}-{i}")
 
 

@@ -10,6 +10,8 @@ A task is any object with:
                                        the run's autocast; {} when there is nothing to evaluate
     step_metrics(step_s) -> {name: float}   optional: called after each step with its wall time, merged into
                                             the step's metrics (GRPO: sampling and training tokens/s apart)
+    sample            None, or sample(model) -> (prompt, text): after each evaluation the Trainer prints it
+                      and appends it to OUT/samples.jsonl (infer.generation.PromptSampler: a fixed prompt)
 `model` in loss() is the wrapped model (compile, DDP): call it, don't reach inside. A task may hold
 anything else it needs (a reference model's log-probs, a tokenizer, a sampler).
 """
@@ -27,6 +29,7 @@ class LMTask:
                  flops_per_unit: float = 0.0):
         self.train_loader, self.val_loader, self.eval_batches = train_loader, val_loader, eval_batches
         self.z_loss, self.flops_per_unit = z_loss, flops_per_unit
+        self.sample = None
 
     def loss(self, model, batch):
         x, y, *doc = batch

@@ -21,6 +21,7 @@ import signal
 import statistics
 import sys
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -35,7 +36,8 @@ from model.gpt import Block
 from model.io import load as load_model, unwrap
 from train.checkpoint import (last_good_checkpoint, load_trainer_state, lock_run_dir, rng_state, save_checkpoint,
                               set_rng_state, truncate_metrics, unlock_run_dir, unsafe_to_save)
-from train.metrics import MetricsLog, StepTimer, format_step, init_wandb, plot_losses, run_record
+from train.metrics import (MetricsLog, StepTimer, format_duration, format_step, init_wandb, plot_losses, run_record,
+                           summary_lines, write_summary)
 from train.optim import build_optimizer, lr_at, set_lr
 from train.options import TrainOptions
 from train.precision import Precision, convert_linears
@@ -43,6 +45,18 @@ from train.setup import Runtime
 
 log = logging.getLogger("furnace")
 TIMING_WARMUP = 3  # steps excluded from the run's summary tokens/s (allocator, compile, autotune)
+AUTO_EVALS, AUTO_EVAL_COST = 20, 0.03  # --eval-every -1: about 20 evaluations, at most ~3% of the training time
+ESTIMATE_AFTER = TIMING_WARMUP + 2      # steps timed before the cost estimate and the automatic eval cadence
+
+
+def eval_token_budget(opts: TrainOptions, tokens_per_step: int) -> int:
+    """Validation tokens per evaluation: --eval-tokens; with the automatic cadence (--eval-every -1) at most
+    what keeps AUTO_EVALS + 1 evaluations (a forward pass: ~1/3 of a training token's FLOPs) within
+    AUTO_EVAL_COST of the run's compute, and at least one batch."""
+    if opts.eval_every != -1:
+        return opts.eval_tokens
+    budget = 3 * AUTO_EVAL_COST * opts.max_steps * tokens_per_step / (AUTO_EVALS + 1)
+    return int(min(opts.eval_tokens, max(budget, opts.batch_size * opts.seq_len)))
 
 
 @dataclass
@@ -84,6 +98,8 @@ class Trainer:
         self.wandb_run = None
         self.step_times: list[float] = []
         self._mfu_warned = False
+        self.eval_every = opts.eval_every if opts.eval_every >= 0 else None  # None: chosen after timing
+        self.eval_seconds: float | None = None
         if resume is not None:
             self.load_state_dict(load_trainer_state(resume))
             if (resume / "ema.safetensors").is_file():
@@ -105,15 +121,21 @@ class Trainer:
                 self.state.extra["wandb_id"] = self.wandb_run.id
         if self.resume is not None:
             log.info(f"resumed from {self.resume} at step {self.state.step}")
+        t0 = time.perf_counter()
         try:
             summary = self.fit()
         finally:
             unlock_run_dir(self.run_dir)  # a no-op on ranks that hold no lock
             if self.wandb_run is not None:
                 self.wandb_run.finish()
+        summary["seconds"] = time.perf_counter() - t0
+        summary["unit"] = self.task.unit
         if self.rt.is_main:
-            plot_losses(self.run_dir)
-            log.info(f"done: {summary}")
+            plot = plot_losses(self.run_dir)
+            summary["plot"] = str(plot) if plot else None
+            summary["record"] = str(write_summary(self.run_dir, summary))
+            for line in summary_lines(summary):
+                log.info(line)
         return summary
 
     def _write_run_config(self, record: dict) -> None:
@@ -153,7 +175,7 @@ class Trainer:
             log.warning(f"step {self.state.step}: no checkpoint written ({why}); kept: {last_good_checkpoint(self.run_dir)}")
             return None
         path = save_checkpoint(self.run_dir, self.state.step, self.model, self.state_dict(), self.tokenizer_dir,
-                               self.opts.keep_last, self.ema)
+                               self.opts.keep_last, self.ema, weights_only_older=self.opts.keep_weights_only)
         log.info(f"checkpoint: {path}")
         return path
 
@@ -235,15 +257,22 @@ class Trainer:
         opts, st, is_main = self.opts, self.state, self.rt.is_main
         self.metrics = MetricsLog(self.run_dir, enabled=is_main, wandb_run=self.wandb_run)
         timer = StepTimer(self.device)
-        bar = None
+        bar, quiet_logs = None, contextlib.nullcontext()
         if is_main and sys.stderr.isatty():
             from tqdm import tqdm
+            from tqdm.contrib.logging import logging_redirect_tqdm
             bar = tqdm(total=opts.max_steps, initial=st.step, dynamic_ncols=True, desc="train")
+            quiet_logs = logging_redirect_tqdm()  # log lines print above the bar, never inside it
         self.model.train()
-        if st.step == 0 and opts.eval_every:
-            self._log_eval()
+        if is_main:
+            self._log_checkpoint_size()
         stop = _StopFlag()
+        first_step = st.step
         try:
+            quiet_logs.__enter__()
+            if self.eval_every is None or (st.step == 0 and self.eval_every):
+                self._log_eval()  # the starting point, and (automatic cadence) what one evaluation costs
+            t_start = time.perf_counter()
             while st.step < opts.max_steps:
                 timer.start()
                 out = self.train_step()
@@ -252,16 +281,20 @@ class Trainer:
                     self.step_times.append(dt)
                 rec = self._record(out, dt)
                 self.metrics.write(rec)
+                if st.step - first_step == ESTIMATE_AFTER:
+                    self._on_timed()
+                eta = (time.perf_counter() - t_start) / (st.step - first_step) * (opts.max_steps - st.step)
                 if bar is not None:
                     bar.update(1)
                     bar.set_postfix_str(format_step(rec, unit=self.task.unit).split(" | ", 1)[1])
                 elif is_main and (st.step % opts.log_every == 0 or st.step == 1):
-                    log.info(format_step(rec, extra=tuple(out["metrics"]), unit=self.task.unit))
+                    log.info(format_step(rec, extra=tuple(out["metrics"]), unit=self.task.unit)
+                             + f" | ETA {format_duration(eta)}")
                 if out["skipped"]:
                     self._on_bad_step(out)
                 if self._stop_requested(stop):
                     break
-                if opts.eval_every and st.step % opts.eval_every == 0 and st.step < opts.max_steps:
+                if self.eval_every and st.step % self.eval_every == 0 and st.step < opts.max_steps:
                     self._log_eval()
                 if opts.save_every and st.step % opts.save_every == 0 and st.step < opts.max_steps:
                     self.save()
@@ -271,8 +304,10 @@ class Trainer:
                 log.info(f"interrupted at step {st.step}: saving a checkpoint; continue with --resume")
             else:
                 summary.update(self._log_eval())
+            summary["final_loss"] = self._last_loss
         finally:
             stop.restore()
+            quiet_logs.__exit__(None, None, None)
             if bar is not None:
                 bar.close()
             self.metrics.close()
@@ -324,12 +359,73 @@ class Trainer:
         return rec
 
     def _log_eval(self) -> dict:
+        """The task's evaluation and, on rank 0, its sample from the fixed prompt (printed and appended to
+        OUT/samples.jsonl); both timed for the automatic cadence."""
+        t0 = time.perf_counter()
         ev = self.evaluate()
         if ev:
             self.metrics.write({"step": self.state.step, **ev})
             if self.rt.is_main:
                 log.info(f"step {self.state.step} | " + " | ".join(f"{k} {v:.4f}" for k, v in ev.items()))
+        sample = getattr(self.task, "sample", None)
+        if sample is not None and self.rt.is_main:
+            model = unwrap(self.model)
+            was_training = model.training
+            model.eval()
+            try:  # full precision: a few dozen tokens, and no autocast/KV-cache dtype questions
+                prompt, text = sample(model)
+            finally:
+                model.train(was_training)
+            log.info(f"sample at step {self.state.step}: {prompt!r} -> {text!r}")
+            _append_jsonl(self.run_dir / "samples.jsonl", {"step": self.state.step, "prompt": prompt, "text": text})
+        self.eval_seconds = time.perf_counter() - t0
         return ev
+
+    def _on_timed(self) -> None:
+        """After the first timed steps: the automatic evaluation cadence, and what the whole run will cost."""
+        opts, st = self.opts, self.state
+        s_per_step = statistics.median(self.step_times) if self.step_times else 0.0
+        if self.eval_every is None:
+            by_cost = math.ceil((self.eval_seconds or 0.0) / (AUTO_EVAL_COST * s_per_step)) if s_per_step else 1
+            self.eval_every = max(1, -(-opts.max_steps // AUTO_EVALS), by_cost)
+            if self.rt.is_main:
+                share = (self.eval_seconds or 0.0) / max(self.eval_every * s_per_step, 1e-9)
+                log.info(f"evaluation: every {self.eval_every} steps ({self.eval_seconds:.1f} s each, ~{100 * share:.1f}% "
+                         f"of the training time; --eval-every N to change, 0 = only at the end)")
+        if self.rt.is_main and s_per_step:
+            left = (opts.max_steps - st.step) * s_per_step
+            msg = (f"speed: {s_per_step:.2f} s/step over steps {st.step - len(self.step_times) + 1}-{st.step}: "
+                   f"about {format_duration(left)} for the {opts.max_steps - st.step} steps left")
+            if left > 3600:
+                msg += (" (a quicker run: a smaller --preset, fewer --max-steps or --tokens; Ctrl-C saves a "
+                        "checkpoint, --resume continues)")
+            log.info(msg)
+
+    def _log_checkpoint_size(self) -> None:
+        """Each checkpoint holds the weights (fp32) and the trainer state (AdamW's two moments: twice the
+        weights), so a run keeps about 3 x weights x --keep-last on disk."""
+        n = sum(p.numel() for p in unwrap(self.model).parameters())
+        w, state = 4 * n, 8 * n + (4 * n if self.ema is not None else 0)
+        k = self.opts.keep_last
+        total = (w + state) + (k - 1) * (w if self.opts.keep_weights_only else w + state)
+        log.info(f"checkpoints: ~{_mb(w + state)} each (weights {_mb(w)}, trainer state {_mb(state)}: optimizer "
+                 f"moments{', EMA' if self.ema is not None else ''}); --keep-last {k}: up to {_mb(total)}"
+                 + ("" if self.opts.keep_weights_only or k == 1 else
+                    " (--keep-weights-only keeps only the weights of the older ones)"))
+
+    @property
+    def _last_loss(self) -> float | None:
+        return self.metrics.last.get("loss") if self.metrics else None
+
+
+def _mb(n: float) -> str:
+    return f"{n / 1e9:.1f} GB" if n >= 1e9 else f"{n / 1e6:.0f} MB"
+
+
+def _append_jsonl(path: Path, rec: dict) -> None:
+    import json
+    with open(path, "a") as f:
+        f.write(json.dumps(rec) + "\n")
 
 
 def _wrap(model: torch.nn.Module, opts: TrainOptions, rt: Runtime) -> torch.nn.Module:
