@@ -86,7 +86,8 @@ def main(argv=None):
               f"({r['peak_extra_bytes'] / nv:.2f} x one N x V fp32 tensor), {r['seconds']} s, loss {r['loss']:.6f}"
               if "error" not in r else f"error: {r['error']}"), file=sys.stderr)
     if a.json:
-        Path(a.json).write_text(json.dumps(report, indent=2) + "\n")
+        from model.fileio import atomic_write_json  # the one atomic write
+        atomic_write_json(a.json, report)
     print(json.dumps(report))
     return 0
 

@@ -281,7 +281,8 @@ def main(argv=None):
         print(f"[gpu_check] {name}: {r['status']} in {r.get('elapsed_s', 0)} s"
               + (f" ({r['reason']})" if r.get("reason") else ""), flush=True)
     rep = dict(environment=env, elapsed_s=round(time.time() - t0, 1), stages=results, wheels=WHEELS)
-    (out / "gpu_check.json").write_text(json.dumps(rep, indent=1, default=str) + "\n")
+    from model.fileio import atomic_write_json  # the one atomic write
+    atomic_write_json(out / "gpu_check.json", rep, indent=1, default=str)
     (out / "gpu_check.md").write_text(markdown(rep))
     print(f"[gpu_check] wrote {out / 'gpu_check.json'} and {out / 'gpu_check.md'} in {rep['elapsed_s']} s")
     print(json.dumps(dict(out=str(out), elapsed_s=rep["elapsed_s"],

@@ -97,7 +97,8 @@ def main(argv=None):
     report = {"bench": "lora_memory", "device": a.device, "dtype": "fp32", "batch": a.batch, "seq_len": a.seq_len,
               "steps": a.steps, "torch": torch.__version__, "rows": rows}
     if a.json:
-        Path(a.json).write_text(json.dumps(report, indent=2) + "\n")
+        from model.fileio import atomic_write_json  # the one atomic write
+        atomic_write_json(a.json, report)
     print(json.dumps(report))
     return 0
 

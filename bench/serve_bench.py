@@ -302,7 +302,8 @@ def main(argv=None):
            "load_avg_before": [round(x, 2) for x in load_before], "load_avg_after": [round(x, 2) for x in load_after],
            "greedy_answers_equal_across_levels": same, "levels": rows, "load_run": load}
     if args.json:
-        Path(args.json).write_text(json.dumps(doc, indent=1))
+        from model.fileio import atomic_write_json  # the one atomic write
+        atomic_write_json(args.json, doc, indent=1)
     print(json.dumps(doc))
     if load is not None and not load["ok"]:
         return 1

@@ -90,7 +90,8 @@ def run_evaluation(args) -> int:
     text = json.dumps(summary, default=str)
     if args.output:
         Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.output).write_text(json.dumps(summary, indent=2, default=str) + "\n")
+        from model.fileio import atomic_write_json  # the one atomic write
+        atomic_write_json(args.output, summary, default=str)
     print(text)
     return 0
 
