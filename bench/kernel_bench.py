@@ -16,6 +16,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import argparse  # noqa: E402
+import importlib.metadata  # noqa: E402
 import json  # noqa: E402
 import logging  # noqa: E402
 import os  # noqa: E402
@@ -223,10 +224,9 @@ def conditions(args) -> dict:
                                 text=True).stdout.strip() or "unknown"
     except OSError:
         commit = "unknown"
-    try:
-        import triton  # noqa: PLC0415
-        triton_version = triton.__version__
-    except ImportError:
+    try:  # the version without importing triton: mapping its 500 MB library would count in this process's RSS
+        triton_version = importlib.metadata.version("triton")
+    except importlib.metadata.PackageNotFoundError:
         triton_version = None
     dev = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU ({platform.processor() or 'cpu'}, " \
         f"{os.cpu_count()} cores)"
