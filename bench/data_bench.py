@@ -28,30 +28,6 @@ def _rss_mb() -> float:
     return float("nan")
 
 
-def _conditions(workers: int) -> dict:
-    import os
-    import platform
-    import subprocess
-
-    import numpy as np
-    import tokenizers
-    import torch
-    cpu = platform.processor()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
-    except OSError:
-        pass
-    try:
-        commit = subprocess.run(["git", "-C", str(Path(__file__).resolve().parents[1]), "rev-parse", "--short", "HEAD"],
-                                capture_output=True, text=True, timeout=10).stdout.strip() or None
-    except (OSError, subprocess.TimeoutExpired):
-        commit = None
-    return {"cpu": cpu, "cores": os.cpu_count(), "prepare_workers": workers, "python": platform.python_version(),
-            "torch": torch.__version__, "numpy": np.__version__, "tokenizers": tokenizers.__version__,
-            "commit": commit}
-
-
 def bench_prepare(out: Path, max_files, workers: int) -> dict:
     import time
 
@@ -127,7 +103,8 @@ def main(argv=None):
     ap.add_argument("--trials", type=int, default=5, help="timing trials (the median is reported); default: 5")
     args = ap.parse_args(argv)
     workers = args.workers or os.cpu_count() or 1
-    result = {"bench": "data", "conditions": _conditions(workers)}
+    from train.metrics import run_record
+    result = {"bench": "data", "conditions": {**run_record("cpu"), "prepare_workers": workers}}
     with tempfile.TemporaryDirectory() as tmp:
         data_dir = Path(args.data) if args.data else Path(args.out or Path(tmp) / "stdlib")
         if not args.data:

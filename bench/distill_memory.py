@@ -15,8 +15,8 @@ if __package__ in (None, ""):  # run as a file: put the repo root on sys.path
 
 import argparse  # noqa: E402
 import json  # noqa: E402
-import subprocess  # noqa: E402
 
+from bench.common import finish_report, run_worker  # noqa: E402
 from kernels.common import run_cli  # noqa: E402
 
 
@@ -67,30 +67,21 @@ def main(argv=None):
     if a.one:
         print(json.dumps(measure(a.one, a.n, a.vocab, a.d, a.d_teacher, a.device)))
         return 0
-    import platform
-
-    import torch
+    from train.metrics import run_record
     rows = []
     for impl in a.impls.split(","):
-        r = subprocess.run([sys.executable, __file__, "--one", impl, "--n", str(a.n), "--vocab", str(a.vocab),
-                            "--d", str(a.d), "--d-teacher", str(a.d_teacher), "--device", a.device],
-                           capture_output=True, text=True)
-        rows.append(json.loads(r.stdout.strip().splitlines()[-1]) if r.returncode == 0 else
-                    {"impl": impl, "error": r.stderr.strip().splitlines()[-1] if r.stderr.strip() else f"rc {r.returncode}"})
+        row, why = run_worker([__file__, "--one", impl, "--n", str(a.n), "--vocab", str(a.vocab), "--d", str(a.d),
+                               "--d-teacher", str(a.d_teacher), "--device", a.device], impl)
+        rows.append(row or {"impl": impl, "error": why})
     nv = a.n * a.vocab * 4
-    report = {"bench": "distill_memory", "n": a.n, "vocab": a.vocab, "d": a.d, "d_teacher": a.d_teacher,
-              "dtype": "fp32", "device": a.device, "cpu": platform.processor() or platform.machine(),
-              "torch": torch.__version__, "one_nxv_fp32_gib": round(nv / 2**30, 3), "rows": rows}
     for r in rows:
         print(f"{r['impl']:>13}: " + (f"peak extra {r['peak_extra_gib']:.3f} GiB "
               f"({r['peak_extra_bytes'] / nv:.2f} x one N x V fp32 tensor), {r['seconds']} s, loss {r['loss']:.6f}"
               if "error" not in r else f"error: {r['error']}"), file=sys.stderr)
-    if a.json:
-        from model.fileio import atomic_write_json  # the one atomic write
-        atomic_write_json(a.json, report)
-    print(json.dumps(report))
+    finish_report({"bench": "distill_memory", **run_record(a.device), "n": a.n, "vocab": a.vocab, "d": a.d,
+                   "d_teacher": a.d_teacher, "dtype": "fp32", "one_nxv_fp32_gib": round(nv / 2**30, 3),
+                   "rows": rows}, a.json)
     return 0
-
 
 if __name__ == "__main__":
     run_cli(main)

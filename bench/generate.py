@@ -19,9 +19,7 @@ import argparse  # noqa: E402
 import functools  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
-import platform  # noqa: E402
 import statistics  # noqa: E402
-import subprocess  # noqa: E402
 import time  # noqa: E402
 
 from kernels.common import FurnaceError, run_cli  # noqa: E402
@@ -128,31 +126,6 @@ def _llama_variants(base, preset, types, threads, n_ctx, tmp, gbps):
     return out
 
 
-def _conditions(threads: int) -> dict:
-    import torch
-    try:
-        git = functools.partial(subprocess.run, capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1])
-        commit = git(["git", "rev-parse", "--short", "HEAD"]).stdout.strip() or None
-        if commit and git(["git", "status", "--porcelain", "--untracked-files=no"]).stdout.strip():
-            commit += "+uncommitted changes"
-    except OSError:
-        commit = None
-    cpu = platform.processor()
-    try:
-        cpu = next(ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
-                   if ln.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    versions = {}
-    for mod in ("transformers", "llama_cpp"):
-        try:
-            versions[mod] = __import__(mod).__version__
-        except ImportError:
-            versions[mod] = None
-    return {"cpu": cpu, "threads": threads, "torch": torch.__version__, **versions, "commit": commit,
-            "loadavg_1m_at_start": os.getloadavg()[0] if hasattr(os, "getloadavg") else None}
-
-
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--presets", default="26m,112m", help="comma-separated model presets (random weights); default: 26m,112m")
@@ -191,14 +164,16 @@ def main(argv=None):
         print("# llama.cpp rows skipped: llama-cpp-python is not installed (pip install llama-cpp-python)")
         llama_types = []
     compile_choices = {"both": (False, True), "on": (True,), "off": (False,)}[args.compile]
-    cond = _conditions(threads)
+    from train.metrics import run_record
+    cond = {**run_record("cpu", ("transformers", "llama-cpp-python")), "threads": threads}
     # The bound uses the best streaming rate measured on this machine, whichever kernel reached it.
     per_mode = {m: matvec_gbps(m) for m in ("fp32", "bf16", "int8")}
     gbps = max(per_mode.values())
     cond.update({f"matvec_{m}_GBps": v for m, v in per_mode.items()})
     cond["bound_GBps"] = gbps
-    print(f"# {cond['cpu']}, {threads} threads, torch {cond['torch']}, transformers {cond['transformers']}, "
-          f"llama-cpp-python {cond['llama_cpp']}, load {cond['loadavg_1m_at_start']}; matrix-vector GB/s "
+    v = cond["versions"]
+    print(f"# {cond['cpu']}, {threads} threads, torch {v['torch']}, transformers {v['transformers']}, "
+          f"llama-cpp-python {v['llama-cpp-python']}, load {cond['load_avg_1m']}; matrix-vector GB/s "
           f"{', '.join(f'{m} {v:.1f}' for m, v in per_mode.items())} -> bound at {gbps:.1f} GB/s; prompt "
           f"{args.prompt_len}, {args.new_tokens} new tokens, greedy, median of {args.repeats}", flush=True)
     rows = []
@@ -265,7 +240,7 @@ def main(argv=None):
                  "decode_tok_s": statistics.median(tps), "decode_tok_s_range": [min(tps), max(tps)],
                  "decode_tok_s_runs": tps})
         del variants, base
-    cond["loadavg_1m_at_end"] = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    cond["load_avg_1m_end"] = os.getloadavg()[0]
     print(json.dumps({"conditions": cond, "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
                       "repeats": args.repeats, "rows": rows}))
     return 0

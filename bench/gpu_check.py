@@ -14,7 +14,6 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import argparse  # noqa: E402
-import datetime  # noqa: E402
 import importlib.util  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
@@ -192,12 +191,10 @@ DRY_BUDGET = 240    # per stage in --dry-run: generous, for a busy CI machine (a
 def environment(dry: bool) -> dict:
     import torch  # noqa: PLC0415
 
-    from train.metrics import git_commit, versions  # noqa: PLC0415
+    from train.metrics import run_record  # noqa: PLC0415
 
-    env = dict(date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"), dry_run=dry,
-               versions=versions(), cuda=torch.version.cuda, git_commit=git_commit(), driver=None, device="cpu")
-    dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain"], capture_output=True, text=True)
-    env["git_dirty"] = bool(dirty.stdout.strip()) if dirty.returncode == 0 else None
+    env = dict(**run_record("cuda" if torch.cuda.is_available() else "cpu"), dry_run=dry, cuda=torch.version.cuda,
+               driver=None)
     if torch.cuda.is_available():
         p = torch.cuda.get_device_properties(0)
         env["device"] = f"{p.name} (cc {p.major}.{p.minor}, {p.multi_processor_count} SMs, {p.total_memory >> 20} MiB)"
@@ -207,14 +204,12 @@ def environment(dry: bool) -> dict:
             env["driver"] = q.stdout.strip().splitlines()[0] if q.returncode == 0 and q.stdout.strip() else None
         except (OSError, subprocess.TimeoutExpired):
             env["driver"] = None
-    else:
-        env["device"] = f"cpu ({os.cpu_count()} logical cores)"
     return env
 
 
 def markdown(rep: dict) -> str:
     e = rep["environment"]
-    lines = [f"# GPU check {e['date']}{' (dry run: CPU, tiny shapes, interpreter)' if e['dry_run'] else ''}", "",
+    lines = [f"# GPU check {e['date_utc']}{' (dry run: CPU, tiny shapes, interpreter)' if e['dry_run'] else ''}", "",
              f"- device: {e['device']}; driver {e['driver']}; CUDA {e['cuda']}",
              f"- versions: " + ", ".join(f"{k} {v}" for k, v in e["versions"].items() if v),
              f"- commit: {e['git_commit']}{' (uncommitted changes)' if e['git_dirty'] else ''}",

@@ -16,11 +16,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import argparse  # noqa: E402
-import importlib.metadata  # noqa: E402
 import json  # noqa: E402
 import logging  # noqa: E402
 import os  # noqa: E402
-import platform  # noqa: E402
 import resource  # noqa: E402
 import statistics  # noqa: E402
 import subprocess  # noqa: E402
@@ -39,7 +37,6 @@ from kernels.common import FurnaceError, run_cli  # noqa: E402
 from model.flops import PEAK_GBPS, device_peak_name  # noqa: E402
 
 log = logging.getLogger("furnace")
-ROOT = Path(__file__).resolve().parents[1]
 
 CUDA_MEMORY_SHAPE, CPU_MEMORY_SHAPE = "8192,768,49152", "1024,768,49152"
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -219,19 +216,9 @@ def run_memory(shape: str) -> dict:
 
 # ----------------------------------------------------------------------------- main
 def conditions(args) -> dict:
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                                text=True).stdout.strip() or "unknown"
-    except OSError:
-        commit = "unknown"
-    try:  # the version without importing triton: mapping its 500 MB library would count in this process's RSS
-        triton_version = importlib.metadata.version("triton")
-    except importlib.metadata.PackageNotFoundError:
-        triton_version = None
-    dev = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU ({platform.processor() or 'cpu'}, " \
-        f"{os.cpu_count()} cores)"
-    return dict(date=time.strftime("%Y-%m-%d"), device=dev, torch=torch.__version__, triton=triton_version,
-                commit=commit, dtype=args.dtype, tokens=args.tokens, seq_len=args.seq_len, presets=args.presets,
+    from train.metrics import run_record  # noqa: PLC0415  (reads triton's version from its metadata, no import)
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return dict(**run_record(dev), dtype=args.dtype, tokens=args.tokens, seq_len=args.seq_len, presets=args.presets,
                 warmup=args.warmup, iters=args.iters)
 
 

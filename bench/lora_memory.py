@@ -15,8 +15,7 @@ if __package__ in (None, ""):  # run as a file: put the repo root on sys.path
 
 import argparse  # noqa: E402
 import json  # noqa: E402
-import subprocess  # noqa: E402
-
+from bench.common import finish_report, run_worker  # noqa: E402
 from kernels.common import run_cli  # noqa: E402
 
 
@@ -78,30 +77,21 @@ def main(argv=None):
         preset, rank = a.one.split(":")
         print(json.dumps(measure(preset, int(rank), a.targets, a.batch, a.seq_len, a.steps, a.device)))
         return 0
-    import torch
+    from train.metrics import run_record
     rows = []
     for preset in a.presets.split(","):
         for rank in a.ranks.split(","):
-            r = subprocess.run([sys.executable, __file__, "--one", f"{preset}:{rank}", "--targets", a.targets,
-                                "--batch", str(a.batch), "--seq-len", str(a.seq_len), "--steps", str(a.steps),
-                                "--device", a.device], capture_output=True, text=True)
-            row = (json.loads(r.stdout.strip().splitlines()[-1]) if r.returncode == 0 else
-                   {"preset": preset, "rank": int(rank), "error": (r.stderr.strip().splitlines() or [f"rc {r.returncode}"])[-1]})
-            rows.append(row)
-            if "error" in row:
-                print(f"{preset} r={rank}: error {row['error']}", file=sys.stderr)
-            else:
-                print(f"{preset} r={rank}: trainable {row['trainable']:,} of {row['params']:,}; AdamW state "
-                      f"{row['optimizer_state_bytes'] / 2**20:.1f} MiB; peak {row['peak_bytes'] / 2**30:.2f} GiB; "
-                      f"checkpoint {row['checkpoint_bytes'] / 2**20:.1f} MiB", file=sys.stderr)
-    report = {"bench": "lora_memory", "device": a.device, "dtype": "fp32", "batch": a.batch, "seq_len": a.seq_len,
-              "steps": a.steps, "torch": torch.__version__, "rows": rows}
-    if a.json:
-        from model.fileio import atomic_write_json  # the one atomic write
-        atomic_write_json(a.json, report)
-    print(json.dumps(report))
+            row, why = run_worker([__file__, "--one", f"{preset}:{rank}", "--targets", a.targets, "--batch", str(a.batch),
+                                   "--seq-len", str(a.seq_len), "--steps", str(a.steps), "--device", a.device],
+                                  f"{preset} r={rank}")
+            rows.append(row or {"preset": preset, "rank": int(rank), "error": why})
+            print(f"{preset} r={rank}: " + (f"error {why}" if row is None else
+                  f"trainable {row['trainable']:,} of {row['params']:,}; AdamW state "
+                  f"{row['optimizer_state_bytes'] / 2**20:.1f} MiB; peak {row['peak_bytes'] / 2**30:.2f} GiB; "
+                  f"checkpoint {row['checkpoint_bytes'] / 2**20:.1f} MiB"), file=sys.stderr)
+    finish_report({"bench": "lora_memory", **run_record(a.device), "dtype": "fp32", "batch": a.batch,
+                   "seq_len": a.seq_len, "steps": a.steps, "rows": rows}, a.json)
     return 0
-
 
 if __name__ == "__main__":
     run_cli(main)

@@ -157,16 +157,6 @@ async def run_level(url: str, prompts: list[str], concurrency: int, new_tokens: 
             "ttft_p95_s": round(_pct(ttft, 95), 3), "texts": [r["text"] for r in res]}
 
 
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return ""
-
-
 def _pct(xs, q):
     import math
     if not xs:
@@ -239,18 +229,14 @@ def main(argv=None):
         raise FurnaceError("--levels, --requests: expected positive integers")
 
     import asyncio
-    import datetime
     import json
     import os
-    import platform
-    import subprocess
     import tempfile
     import time
 
     import logging
 
     import httpx
-    import torch
 
     logging.getLogger("httpx").setLevel(logging.WARNING)   # not one line per request
     tmp = Path(tempfile.mkdtemp(prefix="serve_bench_"))
@@ -261,6 +247,8 @@ def main(argv=None):
     extra = ["--dtype", args.dtype, "--max-slots", str(max(levels + [args.load_concurrency])), "--max-queue", "1024"]
     if args.threads:
         extra += ["--threads", str(args.threads)]
+    from train.metrics import run_record
+    record = run_record("cpu")
     load_before = os.getloadavg()
     with serve_process(ckpt, extra, tmp / "serve.log") as url:
         prompts = prompts_from(texts, args.requests, args.prompt_chars, seed=1)
@@ -293,11 +281,8 @@ def main(argv=None):
     base = rows[0]["tokens_per_s"] if rows[0]["concurrency"] == 1 else None
     for r in rows:
         r["speedup_vs_one_at_a_time"] = round(r["tokens_per_s"] / base, 2) if base else None
-    commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
-                            text=True).stdout.strip()
-    doc = {"bench": "serve", "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-           "commit": commit, "device": "cpu", "cpu": _cpu_name() or platform.machine(),
-           "cores": os.cpu_count(), "server_threads": args.threads or "physical cores", "torch": torch.__version__, "dtype": args.dtype, "model": model_info,
+    doc = {"bench": "serve", **record, "server_threads": args.threads or "physical cores", "dtype": args.dtype,
+           "model": model_info,
            "prompt_chars": args.prompt_chars, "new_tokens": args.new_tokens, "requests_per_level": args.requests,
            "load_avg_before": [round(x, 2) for x in load_before], "load_avg_after": [round(x, 2) for x in load_after],
            "greedy_answers_equal_across_levels": same, "levels": rows, "load_run": load}

@@ -10,8 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from bench._throughput_report import NUMBERS, add_speedups, format_table, write_plot
-from bench._throughput_rows import measure, precheck
+from bench.throughput import NUMBERS, add_speedups, format_table, measure, precheck, write_plot
 from model.config import get_preset
 from kernels.common import FurnaceError
 from model.flops import flops_per_token

@@ -2,9 +2,11 @@
 run record (commit, versions, device) that training runs and benchmarks both write."""
 from __future__ import annotations
 
+import datetime
 import json
 import logging
 import os
+import platform
 import subprocess
 import time
 from pathlib import Path
@@ -169,11 +171,12 @@ def summary_lines(s: dict) -> list[str]:
     return lines
 
 
-def versions() -> dict:
-    """Installed versions of the libraries that decide speed and numerics (no imports needed)."""
+def versions(extra: tuple[str, ...] = ()) -> dict:
+    """Installed versions of the libraries that decide speed and numerics, read from package metadata: nothing
+    is imported (importing triton maps a ~650 MB library into the process and would count in a bench's RSS)."""
     from importlib.metadata import PackageNotFoundError, version
-    v = {"python": os.sys.version.split()[0], "torch": torch.__version__}
-    for pkg in ("triton", "transformer-engine", "torchao", "liger-kernel", "flash-attn", "numpy", "tokenizers"):
+    v = {"python": platform.python_version(), "torch": torch.__version__}
+    for pkg in ("triton", "transformer-engine", "torchao", "liger-kernel", "flash-attn", "numpy", "tokenizers", *extra):
         try:
             v[pkg] = version(pkg)
         except PackageNotFoundError:
@@ -181,12 +184,20 @@ def versions() -> dict:
     return v
 
 
-def git_commit() -> str | None:
+def _git(*args: str) -> str | None:
     try:
-        out = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
+        out = subprocess.run(["git", "-C", str(REPO), *args], capture_output=True, text=True, timeout=10)
     except (OSError, subprocess.TimeoutExpired):
         return None
-    return out.stdout.strip() or None
+    return out.stdout.strip() if out.returncode == 0 else None
+
+
+def cpu_name() -> str:
+    try:
+        return next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
+                     if ln.startswith("model name")), platform.processor())
+    except OSError:
+        return platform.processor()
 
 
 def device_description(device: torch.device) -> str:
@@ -198,6 +209,12 @@ def device_description(device: torch.device) -> str:
     return f"cpu ({os.cpu_count()} logical cores, {torch.get_num_threads()} threads)"
 
 
-def run_record(device: torch.device) -> dict:
-    """Where a number or a checkpoint came from: device, library versions, git commit."""
-    return {"device": device_description(device), "versions": versions(), "git_commit": git_commit()}
+def run_record(device: torch.device | str = "cpu", extra_versions: tuple[str, ...] = ()) -> dict:
+    """Where a number or a checkpoint came from: device, CPU, library versions, git commit and whether the tree
+    had uncommitted changes, the date, and the load average (other processes slow CPU timings)."""
+    status = _git("status", "--porcelain", "--untracked-files=no")
+    return {"device": device_description(torch.device(device)), "cpu": cpu_name(),
+            "versions": versions(extra_versions), "git_commit": _git("rev-parse", "HEAD") or None,
+            "git_dirty": None if status is None else bool(status),
+            "date_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+            "load_avg_1m": os.getloadavg()[0]}
