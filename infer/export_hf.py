@@ -91,27 +91,26 @@ def hf_config(cfg: GPTConfig, dtype_name: str = "float32", eos_id: int | None = 
     }
 
 
+def renamed_weights(model: GPT, top: dict[str, str], block_prefix: str, block: dict[str, str], target: str):
+    """(our name inside layers.{i}. or the top-level name, the target's name, tensor) for every weight; one
+    FurnaceError naming `target` for a weight it has no counterpart for. Shared by the HF and GGUF exports."""
+    from model.io import clean_state_dict
+    for name, t in clean_state_dict(model).items():
+        if name in top:
+            yield name, top[name], t
+        elif name.startswith("layers.") and name.split(".", 2)[2] in block:
+            _, i, rest = name.split(".", 2)
+            yield rest, f"{block_prefix}{i}.{block[rest]}", t
+        else:
+            raise FurnaceError(f"export: parameter {name} has no {target} counterpart")
+
+
 def hf_state_dict(model: GPT, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
     import torch
-    from model.io import clean_state_dict
-    dtype = dtype or torch.float32
-    out = {}
-    for name, t in clean_state_dict(model).items():
-        if name == "embed.weight":
-            key = "model.embed_tokens.weight"
-        elif name == "norm.weight":
-            key = "model.norm.weight"
-        elif name == "lm_head.weight":
-            key = "lm_head.weight"
-        elif name.startswith("layers."):
-            _, i, rest = name.split(".", 2)
-            if rest not in _RENAME:
-                raise FurnaceError(f"export: parameter {name} has no LlamaForCausalLM counterpart")
-            key = f"model.layers.{i}.{_RENAME[rest]}"
-        else:
-            raise FurnaceError(f"export: parameter {name} has no LlamaForCausalLM counterpart")
-        out[key] = t.detach().to("cpu", dtype).contiguous()
-    return out
+    top = {"embed.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight",
+           "lm_head.weight": "lm_head.weight"}
+    return {key: t.detach().to("cpu", dtype or torch.float32).contiguous()
+            for _, key, t in renamed_weights(model, top, "model.layers.", _RENAME, "LlamaForCausalLM")}
 
 
 def tokenizer_files(tokenizer, cfg: GPTConfig) -> dict[str, dict]:

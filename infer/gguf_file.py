@@ -33,10 +33,9 @@ import torch
 
 from data.chat_template import EOS, IM_END, IM_START, JINJA_TEMPLATE
 from data.tokenizer import _bytes_to_unicode
-from infer.export_hf import hf_rope
+from infer.export_hf import hf_rope, renamed_weights
 from kernels.common import FurnaceError
 from model.fileio import atomic_path
-from model.io import clean_state_dict
 
 log = logging.getLogger("furnace")
 
@@ -64,24 +63,14 @@ def permute_rotate_half(w: torch.Tensor, n_head: int) -> torch.Tensor:
 def gguf_tensors(model) -> list[tuple[str, torch.Tensor]]:
     """(llama.cpp name, fp32 tensor) in file order."""
     cfg = model.config
+    top = {"embed.weight": "token_embd.weight", "norm.weight": "output_norm.weight", "lm_head.weight": "output.weight"}
     out = []
-    for name, t in clean_state_dict(model).items():
+    for rest, key, t in renamed_weights(model, top, "blk.", _BLOCK, "llama.cpp"):
         t = t.detach().to("cpu", torch.float32)
-        if name == "embed.weight":
-            key = "token_embd.weight"
-        elif name == "norm.weight":
-            key = "output_norm.weight"
-        elif name == "lm_head.weight":
-            key = "output.weight"
-        elif name.startswith("layers.") and name.split(".", 2)[2] in _BLOCK:
-            _, i, rest = name.split(".", 2)
-            key = f"blk.{i}.{_BLOCK[rest]}"
-            if rest == "attn.q_proj.weight":
-                t = permute_rotate_half(t, cfg.n_head)
-            elif rest == "attn.k_proj.weight":
-                t = permute_rotate_half(t, cfg.n_kv_head)
-        else:
-            raise FurnaceError(f"GGUF export: parameter {name} has no llama.cpp counterpart")
+        if rest == "attn.q_proj.weight":
+            t = permute_rotate_half(t, cfg.n_head)
+        elif rest == "attn.k_proj.weight":
+            t = permute_rotate_half(t, cfg.n_kv_head)
         out.append((key, t.contiguous()))
     return out
 
