@@ -5,6 +5,7 @@ A training run directory holds `checkpoints/step_XXXXXXXX/`; `load` picks the ne
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -48,6 +49,17 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
             model = model.module
         else:
             return model
+
+
+@contextlib.contextmanager
+def eval_mode(model: torch.nn.Module):
+    """`with eval_mode(model) as m:` the model in eval mode, put back in its previous mode afterwards."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
 
 
 def weights_file(ckpt: Path) -> Path:

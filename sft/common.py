@@ -7,13 +7,13 @@ Trainer task (train/task.py). Kept import-light at the top so `--help` is fast.
 from __future__ import annotations
 
 import argparse
-import json
+import dataclasses
 import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from kernels.common import FurnaceError
-from train.options import TrainOptions, add_arguments, options_from_args
+from train.options import METAVAR, TrainOptions, add_arguments, options_from_args
 
 log = logging.getLogger("furnace")
 DEFAULT_EPOCHS = 2
@@ -27,20 +27,38 @@ RESUME_DEFINING = ("kind", "val_data", "skip_bad", "truncate", "beta", "lora_ran
                    "lora_targets")
 
 
+def _ft(default, group: str, kinds: str, help: str):
+    """A FinetuneOptions flag: its --help group, the methods that have it (space-separated) and its help line."""
+    return dataclasses.field(default=default, metadata={"group": group, "kinds": kinds.split(), "help": help})
+
+
+LORA = "LoRA (model/lora.py)"
+
+
 @dataclass
 class FinetuneOptions:
-    """The flags TrainOptions does not have (saved in OUT/config.json under "finetune")."""
-    kind: str = "sft"          # the method: sft | dpo | grpo
-    val_data: str = ""         # files like --data; empty = hold out a slice of --data
-    skip_bad: bool = False     # skip (and count) bad records instead of stopping at the first
-    truncate: bool = False     # cut over-long examples (oldest turns first) instead of treating them as bad
-    beta: float = 0.1          # DPO temperature; GRPO: weight of the KL to the reference (its default 0.04)
-    ref_cache: str = ""        # DPO reference log-prob cache folder; empty = runs/cache/dpo-ref
-    lora_rank: int = 0         # LoRA rank; 0 = full fine-tuning (model/lora.py)
-    lora_alpha: float = 16.0   # adapter scale = alpha / rank
-    lora_dropout: float = 0.0  # dropout on the adapter's input
-    lora_targets: str = "q,k,v,o"  # any of q,k,v,o,gate,up,down
-    merge: bool = False        # LoRA: after training also write OUT/merged, a full checkpoint
+    """The flags TrainOptions does not have (saved in OUT/config.json under "finetune"). GRPO's --beta (the KL
+    weight, default 0.04) is its own flag (sft/train_grpo.py) stored here."""
+    kind: str = "sft"  # the method: sft | dpo | grpo (not a flag)
+    val_data: str = _ft("", "fine-tuning", "sft dpo grpo",
+                        "held-out records (like --data); default: every 20th example of --data (none under 40)")
+    skip_bad: bool = _ft(False, "fine-tuning", "sft dpo grpo",
+                         "skip bad records (counted in the summary) instead of stopping at the first; default: off")
+    truncate: bool = _ft(False, "fine-tuning", "sft dpo grpo", "cut examples longer than --seq-len (oldest turns "
+                         "first, then the end) instead of treating them as bad; default: off")
+    beta: float = _ft(0.1, "fine-tuning", "dpo",
+                      "DPO temperature: how far the policy may move from the reference; default: 0.1")
+    ref_cache: str = _ft("", "fine-tuning", "dpo", "reference log-prob cache folder; default: runs/cache/dpo-ref")
+    lora_rank: int = _ft(0, LORA, "sft dpo",
+                         "rank of the low-rank adapters (e.g. 8 or 16); 0 = full fine-tuning; default: 0")
+    lora_alpha: float = _ft(16.0, LORA, "sft dpo",
+                            "adapter scale numerator: the update is scaled by alpha / rank; default: 16")
+    lora_dropout: float = _ft(0.0, LORA, "sft dpo", "dropout probability on the adapter's input (0 to 1); "
+                              "default: 0 (off)")
+    lora_targets: str = _ft("q,k,v,o", LORA, "sft dpo", "comma-separated projections that get adapters, any of "
+                            "q,k,v,o,gate,up,down; default: q,k,v,o")
+    merge: bool = _ft(False, LORA, "sft dpo", "after training also write OUT/merged, a full checkpoint with the "
+                      "adapters folded in; default: off")
 
 
 UNITS = {"sft": "examples", "dpo": "preference pairs", "grpo": "prompts (each sampled --num-generations times)"}
@@ -49,7 +67,7 @@ DATA_HELP = {"sft": "SFT records", "dpo": "DPO preference records",
 DEFAULT_DATA = {"sft": "the offline SFT dataset built from the stdlib",
                 "dpo": "the offline DPO dataset built from the stdlib",
                 "grpo": "the offline arithmetic task (runs/data/grpo-arith)"}
-INIT_HELP = {"sft": "a pretrained run, e.g. runs/tiny-stdlib-bpe4096", "dpo": "an SFT run", "grpo": "an SFT run"}
+INIT_HELP = {"sft": "a pretrained run, e.g. --init runs/tiny-stdlib-bpe4096", "dpo": "an SFT run", "grpo": "an SFT run"}
 
 
 def help_overrides(kind: str) -> dict[str, str]:
@@ -89,49 +107,25 @@ def parse(kind: str, description: str, argv, parents=()) -> tuple[TrainOptions, 
     from kernels.common import EXIT_CODES
     ap = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter,
                                  epilog=EXIT_CODES, parents=list(parents))
-    groups = add_arguments(ap, DEFAULTS[kind], exclude=REFUSED[kind], help_overrides=help_overrides(kind))
-    g = ap.add_argument_group("fine-tuning")
-    g.add_argument("--val-data", default="", metavar="S",
-                   help="held-out records (like --data); default: every 20th example of --data (none under 40)")
-    g.add_argument("--skip-bad", action="store_true",
-                   help="skip bad records (counted in the summary) instead of stopping at the first; default: off")
-    g.add_argument("--truncate", action="store_true",
-                   help="cut examples longer than --seq-len (oldest turns first, then the end) instead of treating "
-                        "them as bad; default: off")
-    if kind == "dpo":
-        g.add_argument("--beta", type=float, default=0.1, metavar="X",
-                       help="DPO temperature: how far the policy may move from the reference; default: 0.1")
-        g.add_argument("--ref-cache", default="", metavar="S",
-                       help="reference log-prob cache folder; default: runs/cache/dpo-ref")
-    if kind in ("sft", "dpo"):
-        lg = ap.add_argument_group("LoRA (model/lora.py)")
-        lg.add_argument("--lora-rank", type=int, default=0, metavar="N",
-                        help="rank of the low-rank adapters (e.g. 8 or 16); 0 = full fine-tuning; default: 0")
-        lg.add_argument("--lora-alpha", type=float, default=16.0, metavar="X",
-                        help="adapter scale numerator: the update is scaled by alpha / rank; default: 16")
-        lg.add_argument("--lora-dropout", type=float, default=0.0, metavar="X",
-                        help="dropout probability on the adapter's input (0 to 1); default: 0 (off)")
-        lg.add_argument("--lora-targets", default="q,k,v,o", metavar="S",
-                        help="comma-separated projections that get adapters, any of q,k,v,o,gate,up,down; "
-                             "default: q,k,v,o")
-        lg.add_argument("--merge", action="store_true",
-                        help="after training also write OUT/merged, a full checkpoint with the adapters folded "
-                             "in; default: off")
-    del groups
+    add_arguments(ap, DEFAULTS[kind], exclude=REFUSED[kind], help_overrides=help_overrides(kind))
+    groups: dict = {}
+    for f in dataclasses.fields(FinetuneOptions)[1:]:
+        if kind in f.metadata["kinds"]:
+            name = f.metadata["group"]
+            g = groups[name] = groups.get(name) or ap.add_argument_group(name)
+            kw = ({"action": "store_true"} if f.type == "bool" else
+                  {"type": {"int": int, "float": float, "str": str}[f.type], "metavar": METAVAR[f.type]})
+            g.add_argument("--" + f.name.replace("_", "-"), default=f.default, help=f.metadata["help"], **kw)
     args = ap.parse_args(argv)
     opts = options_from_args(args, DEFAULTS[kind])
-    ft = FinetuneOptions(kind=kind, val_data=args.val_data, skip_bad=args.skip_bad, truncate=args.truncate,
-                         beta=getattr(args, "beta", 0.1), ref_cache=getattr(args, "ref_cache", ""),
-                         lora_rank=getattr(args, "lora_rank", 0), lora_alpha=getattr(args, "lora_alpha", 16.0),
-                         lora_dropout=getattr(args, "lora_dropout", 0.0),
-                         lora_targets=getattr(args, "lora_targets", "q,k,v,o"), merge=getattr(args, "merge", False))
+    ft = FinetuneOptions(kind=kind, **{f.name: getattr(args, f.name) for f in dataclasses.fields(FinetuneOptions)
+                                       if f.name != "kind" and hasattr(args, f.name)})
     from model.lora import validate as validate_lora
     validate_lora(ft.lora_rank, ft.lora_alpha, ft.lora_dropout, ft.lora_targets)
     if ft.merge and not ft.lora_rank:
         raise FurnaceError("--merge writes the base with the LoRA adapters folded in: use it with --lora-rank R")
     if not opts.init:
-        what = "a pretrained run, e.g. --init runs/tiny-stdlib-bpe4096" if kind == "sft" else "an SFT run"
-        raise FurnaceError(f"--init is required: the checkpoint or run folder to fine-tune ({what})")
+        raise FurnaceError(f"--init is required: the checkpoint or run folder to fine-tune ({INIT_HELP[kind]})")
     if kind == "dpo" and not ft.beta > 0:
         raise FurnaceError(f"--beta {ft.beta}: expected > 0 (e.g. 0.1)")
     return opts, ft
@@ -211,9 +205,7 @@ def open_job(opts: TrainOptions, ft: FinetuneOptions, rt) -> Job:
     from data.tokenizer import TOKENIZER_FILE, load_tokenizer
     from model.io import load_config, resolve_checkpoint
     from sft.defaults import DEFAULT_DPO_DIR, DEFAULT_SFT_DIR, build_default_datasets
-    from train.checkpoint import check_out_dir
-    from train.options import RUN_DEFINING
-    from train.setup import build_model, check_seq_len, default_out, latest_default_out
+    from train.setup import build_model, check_seq_len, open_run_dir
 
     init_ckpt = resolve_checkpoint(opts.init)
     if not (init_ckpt / TOKENIZER_FILE).is_file():
@@ -229,18 +221,8 @@ def open_job(opts: TrainOptions, ft: FinetuneOptions, rt) -> Job:
     d = GPU_DEFAULTS if rt.device.type == "cuda" else CPU_DEFAULTS
     opts.batch_size = opts.batch_size or d["batch_size"]
     opts.seq_len = opts.seq_len or min(d["seq_len"], load_config(init_ckpt).max_seq_len)
-    name = f"{ft.kind}-{Path(opts.init).resolve().name}"
-    if not opts.out:
-        opts.out = str(latest_default_out(name) if opts.resume else default_out(name))
-    run_dir = Path(opts.out)
-    resume = check_out_dir(run_dir, opts.to_dict(), opts.resume, RUN_DEFINING)
-    if opts.resume and (run_dir / "config.json").is_file():
-        old = json.loads((run_dir / "config.json").read_text()).get("finetune", {})
-        diffs = [f"{k}: {old.get(k)!r} -> {getattr(ft, k)!r}" for k in RESUME_DEFINING
-                 if k in old and old[k] != getattr(ft, k)]
-        if diffs:
-            raise FurnaceError(f"--resume {run_dir}: options differ from the saved run ({'; '.join(diffs)}); resume "
-                               f"with the same options or start a new --out")
+    run_dir, resume = open_run_dir(opts, f"{ft.kind}-{Path(opts.init).resolve().name}",
+                                   {"finetune": (asdict(ft), RESUME_DEFINING)})
     tok = load_tokenizer(init_ckpt)
     model = build_model(opts, None, rt)
     ensure_chat_tokens(tok, model)

@@ -22,10 +22,10 @@ from safetensors.torch import save_file
 
 from kernels.common import FurnaceError
 from model.fileio import atomic_path
-from model.io import unwrap
+from model.io import eval_mode, unwrap
 from sft.examples import IGNORE
 from sft.packing import pack_row
-from sft.sampler import EpochSampler
+from sft.sampler import EpochSampler, SamplerLoader
 
 log = logging.getLogger("furnace")
 
@@ -66,7 +66,7 @@ def pair_batch(pairs: list[Pair], pad_id: int, max_len: int, multiple: int = 16)
     return x, y
 
 
-class PairLoader:
+class PairLoader(SamplerLoader):
     """next_batch() -> {"x", "y": (2B, L), "ref": (2B,) reference log-probs or None, "n": B}, pairs in the
     order of sft/sampler.py (seeded per epoch, dealt to ranks, exact resume)."""
 
@@ -86,18 +86,6 @@ class PairLoader:
         if self.ref is not None:
             b["ref"] = torch.cat([self.ref[idx, 0], self.ref[idx, 1]]).to(self.device)   # (2B,)
         return b
-
-    def batches_per_epoch(self) -> int:
-        return max(1, -(-len(self.sampler.units(0)) // self.B))
-
-    def state_dict(self) -> dict:
-        return self.sampler.state_dict()
-
-    def load_state_dict(self, state: dict) -> None:
-        self.sampler.load_state_dict(state)
-
-    def close(self) -> None:
-        """Nothing to release; here for the loader interface."""
 
 
 class DPOTask:
@@ -155,18 +143,16 @@ def reference_logps(model, pairs: list[Pair], batch_size: int, pad_id: int, max_
                     autocast=None) -> torch.Tensor:
     """(N, 2) float32: `model`'s summed completion log-probs of each pair's (chosen, rejected), on the CPU
     (the frozen --init model's before training: the reference; the policy's when evaluating)."""
-    was_training = model.training
-    model.eval()
     out = torch.empty(len(pairs), 2)
     dev = torch.device(device)
-    for s in range(0, len(pairs), batch_size):
-        chunk = pairs[s:s + batch_size]
-        x, y = pair_batch(chunk, pad_id, max_len)
-        with (autocast(dev.type) if autocast else torch.autocast(dev.type, enabled=False)):
-            lp = sequence_logps(model, x.to(dev), y.to(dev)).cpu()     # (2n,)
-        n = len(chunk)
-        out[s:s + n, 0], out[s:s + n, 1] = lp[:n], lp[n:]
-    model.train(was_training)
+    with eval_mode(model):
+        for s in range(0, len(pairs), batch_size):
+            chunk = pairs[s:s + batch_size]
+            x, y = pair_batch(chunk, pad_id, max_len)
+            with (autocast(dev.type) if autocast else torch.autocast(dev.type, enabled=False)):
+                lp = sequence_logps(model, x.to(dev), y.to(dev)).cpu()     # (2n,)
+            n = len(chunk)
+            out[s:s + n, 0], out[s:s + n, 1] = lp[:n], lp[n:]
     return out
 
 

@@ -21,8 +21,7 @@ from __future__ import annotations
 
 from data.chat_template import encode_chat_segments, require_chat_tokens
 from kernels.common import FurnaceError
-
-IGNORE = -100
+from train.task import IGNORE  # noqa: F401  (also imported from here)
 
 
 class ExampleTooLong(FurnaceError):

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from sft.examples import IGNORE
-from sft.sampler import EpochSampler
+from sft.sampler import EpochSampler, SamplerLoader
 
 
 def plan_rows(lengths: list[int], seq_len: int, order) -> list[list[int]]:
@@ -53,7 +53,7 @@ def pack_row(examples: list[tuple[list[int], list[int]]], seq_len: int, pad_id: 
     return x, y, doc
 
 
-class PackedSFTLoader:
+class PackedSFTLoader(SamplerLoader):
     """next_batch() -> (x, y, doc_ids), each (batch_size, seq_len) int64 on `device`.
     shuffle=False gives a fixed order (validation); reset() starts it again."""
 
@@ -82,18 +82,3 @@ class PackedSFTLoader:
         rows = [pack_row([self.examples[i] for i in r], self.T, self.pad_id) for r in self.sampler.take(self.B)]
         nb = self.device.type == "cuda"
         return tuple(torch.from_numpy(np.stack(a)).to(self.device, non_blocking=nb) for a in zip(*rows))
-
-    def batches_per_epoch(self) -> int:
-        return max(1, -(-len(self.rows_for_epoch(0)) // self.B))
-
-    def state_dict(self) -> dict:
-        return self.sampler.state_dict()
-
-    def load_state_dict(self, state: dict) -> None:
-        self.sampler.load_state_dict(state)
-
-    def reset(self) -> None:
-        self.sampler.reset()
-
-    def close(self) -> None:
-        """Nothing to release (no threads); here for the loader interface."""

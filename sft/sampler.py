@@ -46,3 +46,25 @@ class EpochSampler:
 
     def reset(self) -> None:
         self.epoch, self.pos = 0, 0
+
+
+class SamplerLoader:
+    """What the list-based loaders (SFT's packed rows, DPO's pairs) share: `self.sampler` (an EpochSampler)
+    holds the position that checkpoints save, `self.B` units make a batch."""
+    sampler: EpochSampler
+    B: int
+
+    def batches_per_epoch(self) -> int:
+        return max(1, -(-len(self.sampler.units(0)) // self.B))
+
+    def state_dict(self) -> dict:
+        return self.sampler.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.sampler.load_state_dict(state)
+
+    def reset(self) -> None:
+        self.sampler.reset()
+
+    def close(self) -> None:
+        """Nothing to release (no threads); here for the loader interface."""

@@ -494,5 +494,5 @@ def test_incomplete_step_folders_are_never_deleted_by_a_restart(tmp_path):
     (run / "config.json").write_text(json.dumps({"train": {}}))
     for resume in (False, True):
         with pytest.raises(FurnaceError, match="holds step_00000002 but no complete checkpoint"):
-            check_out_dir(run, {}, resume, ())
+            check_out_dir(run, {}, resume)
     assert (run / "checkpoints" / "step_00000002" / "config.json").is_file()

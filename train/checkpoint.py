@@ -224,18 +224,15 @@ def unlock_run_dir(run_dir: Path) -> None:
         os.close(fd)
 
 
-def run_config_path(run_dir: Path) -> Path:
-    return run_dir / "config.json"
-
-
-def check_out_dir(run_dir: Path, opts_dict: dict, resume: bool, run_defining: tuple[str, ...]) -> Path | None:
+def check_out_dir(run_dir: Path, sections: dict[str, tuple[dict, tuple[str, ...]]], resume: bool) -> Path | None:
     """Lock OUT, refuse one holding a different run unless --resume; returns the checkpoint to resume from
-    (None: a fresh start). Options outside `run_defining` (lr, schedule, clip, max-steps, cadences) may change
-    on --resume: that is how a diverged run is continued with a lower --lr."""
+    (None: a fresh start). `sections`: {config.json section: (this run's values, the names a resumed run must
+    keep)}; the others (lr, schedule, clip, max-steps, cadences) may change on --resume, logged: that is how
+    a diverged run is continued with a lower --lr."""
     if (run_dir / LOCK_FILE).exists():  # a folder in use is named as such before anything else
         lock_run_dir(run_dir, claim=False)
     try:
-        ckpt = _check_out_dir(run_dir, opts_dict, resume, run_defining)
+        ckpt = _check_out_dir(run_dir, sections, resume)
         if run_dir.is_dir():  # a new folder is created (and locked) by the run itself: bad input leaves no trace
             lock_run_dir(run_dir)
     except FurnaceError:
@@ -244,8 +241,8 @@ def check_out_dir(run_dir: Path, opts_dict: dict, resume: bool, run_defining: tu
     return ckpt
 
 
-def _check_out_dir(run_dir: Path, opts_dict: dict, resume: bool, run_defining: tuple[str, ...]) -> Path | None:
-    cfg_file = run_config_path(run_dir)
+def _check_out_dir(run_dir: Path, sections: dict, resume: bool) -> Path | None:
+    cfg_file = run_dir / "config.json"
     has_run = cfg_file.is_file() or (run_dir / "checkpoints").is_dir()
     ckpt = latest_checkpoint(run_dir)
     ck_dir = run_dir / "checkpoints"
@@ -274,11 +271,11 @@ def _check_out_dir(run_dir: Path, opts_dict: dict, resume: bool, run_defining: t
     if ckpt is None:
         raise FurnaceError(f"--resume: {run_dir} holds no training run to resume (no checkpoints/ and no "
                            f"config.json); run without --resume to start one")
-    if cfg_file.is_file():
-        old = json.loads(cfg_file.read_text()).get("train", {})
-        changed = {k: (old.get(k), opts_dict.get(k)) for k in opts_dict
-                   if k in old and k != "resume" and old.get(k) != opts_dict.get(k)}
-        diffs = [f"{k}: {a!r} -> {b!r}" for k, (a, b) in changed.items() if k in run_defining]
+    saved = json.loads(cfg_file.read_text()) if cfg_file.is_file() else {}
+    for section, (values, defining) in sections.items():
+        old = saved.get(section, {})
+        changed = {k: (old[k], v) for k, v in values.items() if k in old and k != "resume" and old[k] != v}
+        diffs = [f"{k}: {a!r} -> {b!r}" for k, (a, b) in changed.items() if k in defining]
         if diffs:
             raise FurnaceError(f"--resume {run_dir}: options differ from the saved run ({'; '.join(diffs)}); "
                                f"resume with the same options or start a new --out")

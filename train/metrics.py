@@ -8,7 +8,6 @@ import logging
 import os
 import platform
 import subprocess
-import time
 from pathlib import Path
 
 import torch
@@ -17,25 +16,6 @@ from model.fileio import disk_full_guard
 
 log = logging.getLogger("furnace")
 REPO = Path(__file__).resolve().parents[1]
-
-
-class StepTimer:
-    """Wall time of the training step only, with device synchronisation (eval and checkpoints excluded)."""
-
-    def __init__(self, device: torch.device):
-        self.device = device
-
-    def _sync(self):
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-
-    def start(self):
-        self._sync()
-        self.t0 = time.perf_counter()
-
-    def stop(self) -> float:
-        self._sync()
-        return time.perf_counter() - self.t0
 
 
 class MetricsLog:

@@ -157,13 +157,13 @@ def add_arguments(ap: argparse.ArgumentParser, defaults: TrainOptions | None = N
             kw = {"choices": [c for c in _CHOICES[f.name] if c]} if f.name in _CHOICES else {}
             typ = {"int": _count, "float": float, "str": str}[f.type]
             if not kw:
-                kw["metavar"] = _METAVAR[f.type]
+                kw["metavar"] = METAVAR[f.type]
             g.add_argument(flag, type=typ, default=None, help=text, **kw)
     ap.set_defaults(_excluded_options=tuple(exclude))
     return groups
 
 
-_METAVAR = {"int": "N", "float": "X", "str": "S"}
+METAVAR = {"int": "N", "float": "X", "str": "S"}
 
 
 def _count(text: str) -> int:
@@ -180,30 +180,19 @@ def _count(text: str) -> int:
 def check_file_value(path: str, key: str, value, typ: str):
     """A config-file value checked like its flag: the type of the field (an integer may be written 2e9 or
     "2_000_000", a float may be an integer); FurnaceError naming the file and key otherwise."""
-    where = f"--config {path}: {key} = {value!r}"
-    if typ == "bool":
-        if isinstance(value, bool):
-            return value
-        raise FurnaceError(f"{where}: expected true or false")
-    if isinstance(value, bool) or value is None or isinstance(value, (list, dict)):
-        raise FurnaceError(f"{where}: expected {'an integer' if typ == 'int' else 'a number' if typ == 'float' else 'a string'}")
-    if typ == "int":
-        if isinstance(value, int):
-            return value
+    expected = {"bool": "true or false", "int": "an integer (e.g. 300 or 2e9)", "float": "a number (e.g. 3e-4)",
+                "str": "a string"}[typ]
+    if (typ == "bool") == isinstance(value, bool) and not isinstance(value, (list, dict, type(None))):
         try:
-            return _count(str(value))
-        except argparse.ArgumentTypeError:
-            raise FurnaceError(f"{where}: expected an integer (e.g. 300 or 2e9)") from None
-    if typ == "float":
-        if isinstance(value, (int, float)):
-            return float(value)
-        try:
-            return float(value)
-        except ValueError:
-            raise FurnaceError(f"{where}: expected a number (e.g. 3e-4)") from None
-    if not isinstance(value, str):
-        raise FurnaceError(f"{where}: expected a string")
-    return value
+            if typ == "int":
+                return value if isinstance(value, int) else _count(str(value))
+            if typ == "float":
+                return float(value)
+            if typ == "bool" or isinstance(value, str):
+                return value
+        except (ValueError, argparse.ArgumentTypeError):
+            pass
+    raise FurnaceError(f"--config {path}: {key} = {value!r}: expected {expected}")
 
 
 def options_from_args(args: argparse.Namespace, defaults: TrainOptions | None = None) -> TrainOptions:

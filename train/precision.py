@@ -75,10 +75,6 @@ def fp8_linear_filter(name: str, module: torch.nn.Module, multiple: int = 16) ->
             and module.in_features % multiple == 0 and module.out_features % multiple == 0)
 
 
-def _dim_multiple(prec: "Precision") -> int:
-    return 32 if type(prec.te_recipe).__name__ == "MXFP8BlockScaling" else 16
-
-
 def _te_status(device: torch.device) -> str:
     """'' when TransformerEngine can run here, else the reason it cannot."""
     if device.type != "cuda":
@@ -93,32 +89,22 @@ def _te_status(device: torch.device) -> str:
     return ""
 
 
-# Known, harmless noise of importing torchao: its optional CUDA extensions that fail to load on a machine
-# without them ("Failed to load ..._C_mxfp8...so": float8 training does not use them) and torch's pytree
-# deprecation notice about its Enum registration. Silenced during the import only; the precision line says
-# which FP8 path runs.
-_TORCHAO_NOISY_LOGGERS = ("torchao", "torch.utils._pytree")
-
-
-@contextlib.contextmanager
-def _quiet_torchao_import():
-    loggers = [logging.getLogger(n) for n in _TORCHAO_NOISY_LOGGERS]
+def _torchao_status() -> str:
+    """'' when torchao's float8 training imports, else why not. Its known, harmless import noise is silenced
+    during the import only: optional CUDA extensions that fail to load without them ("Failed to load
+    ..._C_mxfp8...so": float8 training does not use them) and torch's pytree deprecation notice about its Enum
+    registration; the precision line says which FP8 path runs."""
+    loggers = [logging.getLogger(n) for n in ("torchao", "torch.utils._pytree")]
     levels = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.setLevel(logging.ERROR)
     try:
-        yield
+        for lg in loggers:
+            lg.setLevel(logging.ERROR)
+        from torchao.float8 import convert_to_float8_training  # noqa: F401
+    except Exception as e:
+        return f"torchao float8 not importable ({type(e).__name__}: {str(e)[:80]})"
     finally:
         for lg, lvl in zip(loggers, levels):
             lg.setLevel(lvl)
-
-
-def _torchao_status() -> str:
-    try:
-        with _quiet_torchao_import():
-            from torchao.float8 import convert_to_float8_training  # noqa: F401
-    except Exception as e:
-        return f"torchao float8 not importable ({type(e).__name__}: {str(e)[:80]})"
     return ""
 
 
@@ -156,7 +142,7 @@ def convert_linears(model: torch.nn.Module, prec: Precision) -> list[str]:
     """Swap eligible Linear layers for the FP8 backend's; returns the converted names."""
     if not prec.fp8:
         return []
-    mult = _dim_multiple(prec)
+    mult = 32 if type(prec.te_recipe).__name__ == "MXFP8BlockScaling" else 16  # MXFP8: 32-element blocks
     names = [n for n, m in model.named_modules() if fp8_linear_filter(n, m, mult)]
     skipped = [n for n, m in model.named_modules()
                if isinstance(m, torch.nn.Linear) and n.startswith("layers.") and n not in names]

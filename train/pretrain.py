@@ -54,20 +54,13 @@ def build(opts: TrainOptions, rt, make_task=None):
     from model.config import get_preset
     from model.flops import flops_per_token
     from model.io import resolve_checkpoint
-    from train.checkpoint import check_out_dir
-    from train.options import RUN_DEFINING
-    from train.setup import build_model, check_seq_len, default_out, latest_default_out, pad_vocab
+    from train.setup import build_model, check_seq_len, open_run_dir, pad_vocab
     from train.task import LMTask
     from train.trainer import Trainer, eval_token_budget
 
     resolve_defaults(opts, rt)
     sources = ensure_data(opts, rt)
-    data_name = Path(sources[0][0]).name
-    if not opts.out:
-        opts.out = str(latest_default_out(f"{opts.preset}-{data_name}") if opts.resume
-                       else default_out(f"{opts.preset}-{data_name}"))
-    run_dir = Path(opts.out)
-    resume_ckpt = check_out_dir(run_dir, opts.to_dict(), opts.resume, RUN_DEFINING)
+    run_dir, resume_ckpt = open_run_dir(opts, f"{opts.preset}-{Path(sources[0][0]).name}")
 
     loader = TokenLoader(sources, opts.batch_size, opts.seq_len, split="train", seed=opts.seed,
                          rank=rt.rank, world_size=rt.world_size, device=rt.device)

@@ -2,6 +2,7 @@
 (fresh or --init)."""
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 from dataclasses import dataclass
@@ -67,27 +68,30 @@ def init_runtime(opts: TrainOptions) -> Runtime:
     return rt
 
 
-def default_out(name: str) -> Path:
-    """runs/NAME, or runs/NAME-2, -3, ... when taken (only when --out was not given)."""
-    base = Path("runs") / name
-    if not base.exists():
-        return base
-    i = 2
-    while Path(f"{base}-{i}").exists():
-        i += 1
-    log.info(f"out: {base} already holds a run: this one goes to {base}-{i} (pass this folder to the next "
-             f"command; --out chooses the folder)")
-    return Path(f"{base}-{i}")
-
-
-def latest_default_out(name: str) -> Path:
-    """For --resume without --out: the newest runs/NAME[-N] that exists."""
-    base = Path("runs") / name
-    found = [p for p in [base] + sorted(Path("runs").glob(f"{name}-*")) if p.is_dir()]
-    found = [p for p in found if p == base or p.name[len(name) + 1:].isdigit()]
-    if not found:
-        raise FurnaceError(f"--resume: no run to continue under runs/{name}[-N]; pass --out RUN_DIR")
-    return max(found, key=lambda p: 0 if p == base else int(p.name[len(name) + 1:]))
+def open_run_dir(opts: TrainOptions, name: str, saved: dict | None = None,
+                 defining: tuple[str, ...] = ()) -> tuple[Path, Path | None]:
+    """--out resolved into `opts` (default: runs/NAME, or -2, -3... when taken; with --resume the newest of
+    those), then checked and locked (train.checkpoint.check_out_dir) -> (run folder, checkpoint to resume
+    from or None). `saved`/`defining`: further config.json sections a resumed run must agree on (fine-tuning)."""
+    from train.checkpoint import check_out_dir
+    from train.options import RUN_DEFINING
+    if not opts.out:
+        base = Path("runs") / name
+        if opts.resume:
+            found = [1] * base.is_dir() + [int(p.name[len(name) + 1:]) for p in Path("runs").glob(f"{name}-*")
+                                           if p.is_dir() and p.name[len(name) + 1:].isdigit()]
+            if not found:
+                raise FurnaceError(f"--resume: no run to continue under runs/{name}[-N]; pass --out RUN_DIR")
+            i = max(found)
+        else:
+            i = next(i for i in itertools.count(1) if not (base if i == 1 else Path(f"{base}-{i}")).exists())
+        opts.out = str(base if i == 1 else f"{base}-{i}")
+        if i > 1 and not opts.resume:
+            log.info(f"out: {base} already holds a run: this one goes to {opts.out} (pass this folder to the next "
+                     f"command; --out chooses the folder)")
+    run_dir = Path(opts.out)
+    sections = {"train": (opts.to_dict(), RUN_DEFINING), **(saved or {})}
+    return run_dir, check_out_dir(run_dir, sections, opts.resume)
 
 
 def pad_vocab(n: int, multiple: int = 64) -> int:

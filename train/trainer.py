@@ -33,10 +33,10 @@ from kernels.common import FurnaceError
 from model.fileio import atomic_write_json
 from model.flops import mfu as compute_mfu, peak_tflops
 from model.gpt import Block
-from model.io import load as load_model, unwrap
+from model.io import eval_mode, load as load_model, unwrap
 from train.checkpoint import (last_good_checkpoint, load_trainer_state, lock_run_dir, rng_state, save_checkpoint,
                               set_rng_state, truncate_metrics, unlock_run_dir, unsafe_to_save)
-from train.metrics import (MetricsLog, StepTimer, format_duration, format_step, init_wandb, plot_losses, run_record,
+from train.metrics import (MetricsLog, format_duration, format_step, init_wandb, plot_losses, run_record,
                            summary_lines, write_summary)
 from train.optim import build_optimizer, lr_at, set_lr
 from train.options import TrainOptions
@@ -243,20 +243,13 @@ class Trainer:
     @torch.no_grad()
     def evaluate(self) -> dict:
         """The task's evaluation, on the unwrapped model in eval mode, under the run's autocast."""
-        model = unwrap(self.model)
-        was_training = model.training
-        model.eval()
-        try:
-            with self.prec.autocast(self.device.type):
-                return self.task.evaluate(model)
-        finally:
-            model.train(was_training)
+        with eval_mode(unwrap(self.model)) as model, self.prec.autocast(self.device.type):
+            return self.task.evaluate(model)
 
     # ---- the loop ------------------------------------------------------------------------------------
     def fit(self) -> dict:
         opts, st, is_main = self.opts, self.state, self.rt.is_main
         self.metrics = MetricsLog(self.run_dir, enabled=is_main, wandb_run=self.wandb_run)
-        timer = StepTimer(self.device)
         bar, quiet_logs = None, contextlib.nullcontext()
         if is_main and sys.stderr.isatty():
             from tqdm import tqdm
@@ -274,9 +267,9 @@ class Trainer:
                 self._log_eval()  # the starting point, and (automatic cadence) what one evaluation costs
             t_start = time.perf_counter()
             while st.step < opts.max_steps:
-                timer.start()
+                t0 = self._synced_clock()
                 out = self.train_step()
-                dt = timer.stop()
+                dt = self._synced_clock() - t0        # the step alone: evaluation and checkpoints excluded
                 if st.step > TIMING_WARMUP:
                     self.step_times.append(dt)
                 rec = self._record(out, dt)
@@ -316,6 +309,11 @@ class Trainer:
         if self.step_times:
             summary["tokens_per_s"] = st.tokens / max(st.step, 1) / statistics.median(self.step_times)
         return summary
+
+    def _synced_clock(self) -> float:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter()
 
     def _stop_requested(self, stop: "_StopFlag") -> bool:
         """Ctrl-C is honoured between steps, on all ranks together."""
@@ -369,13 +367,8 @@ class Trainer:
                 log.info(f"step {self.state.step} | " + " | ".join(f"{k} {v:.4f}" for k, v in ev.items()))
         sample = getattr(self.task, "sample", None)
         if sample is not None and self.rt.is_main:
-            model = unwrap(self.model)
-            was_training = model.training
-            model.eval()
-            try:  # full precision: a few dozen tokens, and no autocast/KV-cache dtype questions
+            with eval_mode(unwrap(self.model)) as model:  # full precision: a few dozen tokens, no autocast questions
                 prompt, text = sample(model)
-            finally:
-                model.train(was_training)
             log.info(f"sample at step {self.state.step}: {prompt!r} -> {text!r}")
             _append_jsonl(self.run_dir / "samples.jsonl", {"step": self.state.step, "prompt": prompt, "text": text})
         self.eval_seconds = time.perf_counter() - t0
