@@ -109,21 +109,16 @@ def write_trainer_state(d: Path, state: dict) -> None:
 
 
 # ---- saving ------------------------------------------------------------------------------------------------
-def nonfinite_weight(model: torch.nn.Module) -> str | None:
-    """The name of the first floating-point parameter or buffer holding NaN or inf, else None."""
-    for name, t in unwrap(model).state_dict().items():
-        if isinstance(t, torch.Tensor) and t.is_floating_point() and not bool(torch.isfinite(t).all()):
-            return name
-    return None
-
-
 def unsafe_to_save(model: torch.nn.Module, bad_in_row: int) -> str | None:
-    """Why no checkpoint may be written now (inside a streak of non-finite steps, or NaN/inf weights), or None.
-    So the newest checkpoint is always the last good one, and keep-last rotation never deletes it."""
+    """Why no checkpoint may be written now (inside a streak of non-finite steps, or a floating-point weight or
+    buffer holding NaN or inf), or None. So the newest checkpoint is always the last good one, and keep-last
+    rotation never deletes it."""
     if bad_in_row:
         return f"inside a streak of {bad_in_row} non-finite steps"
-    name = nonfinite_weight(model)
-    return f"weight {name} is not finite" if name else None
+    for name, t in unwrap(model).state_dict().items():
+        if isinstance(t, torch.Tensor) and t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            return f"weight {name} is not finite"
+    return None
 
 
 def last_good_checkpoint(run_dir: Path) -> str:

@@ -126,12 +126,6 @@ def format_duration(seconds: float) -> str:
     return f"{s // 3600}h{s % 3600 // 60:02d}m"
 
 
-def write_summary(run_dir: Path, summary: dict) -> Path:
-    """OUT/summary.json: the run's end record, for scripts (the console gets summary_lines)."""
-    from model.fileio import atomic_write_json
-    return atomic_write_json(run_dir / "summary.json", summary, default=str)
-
-
 def summary_lines(s: dict) -> list[str]:
     """The end of a run for a person: what was done, how fast, the losses, where everything is."""
     unit = {"tok": "tokens", "pair": "pairs"}.get(s.get("unit", "tok"), s.get("unit"))

@@ -38,8 +38,3 @@ def lr_at(step: int, max_steps: int, lr: float, min_lr: float, warmup: int, sche
         return lr + (min_lr - lr) * min(frac, 1.0)
     progress = (step - warmup) / max(1, max_steps - warmup)
     return min_lr + (lr - min_lr) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
-
-
-def set_lr(opt: torch.optim.Optimizer, lr: float) -> None:
-    for g in opt.param_groups:
-        g["lr"] = lr

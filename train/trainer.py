@@ -37,8 +37,8 @@ from model.io import eval_mode, load as load_model, unwrap
 from train.checkpoint import (last_good_checkpoint, load_trainer_state, lock_run_dir, rng_state, save_checkpoint,
                               set_rng_state, truncate_metrics, unlock_run_dir, unsafe_to_save)
 from train.metrics import (MetricsLog, format_duration, format_step, init_wandb, plot_losses, run_record,
-                           summary_lines, write_summary)
-from train.optim import build_optimizer, lr_at, set_lr
+                           summary_lines)
+from train.optim import build_optimizer, lr_at
 from train.options import TrainOptions
 from train.precision import Precision, convert_linears
 from train.setup import Runtime
@@ -133,7 +133,7 @@ class Trainer:
         if self.rt.is_main:
             plot = plot_losses(self.run_dir)
             summary["plot"] = str(plot) if plot else None
-            summary["record"] = str(write_summary(self.run_dir, summary))
+            summary["record"] = str(atomic_write_json(self.run_dir / "summary.json", summary, default=str))
             for line in summary_lines(summary):
                 log.info(line)
         return summary
@@ -210,7 +210,8 @@ class Trainer:
         clip = opts.grad_clip if opts.grad_clip > 0 else float("inf")
         gnorm = torch.nn.utils.clip_grad_norm_(params, clip).item() if params else 0.0
         lr = lr_at(self.state.step, opts.max_steps, opts.lr, opts.min_lr, self.warmup, opts.schedule, opts.wsd_decay)
-        set_lr(self.opt, lr)
+        for g in self.opt.param_groups:
+            g["lr"] = lr
         finite = math.isfinite(loss_val) and math.isfinite(gnorm)
         if finite:
             if self.scaler:
@@ -297,7 +298,7 @@ class Trainer:
                 log.info(f"interrupted at step {st.step}: saving a checkpoint; continue with --resume")
             else:
                 summary.update(self._log_eval())
-            summary["final_loss"] = self._last_loss
+            summary["final_loss"] = self.metrics.last.get("loss")
         finally:
             stop.restore()
             quiet_logs.__exit__(None, None, None)
@@ -406,9 +407,6 @@ class Trainer:
                  + ("" if self.opts.keep_weights_only or k == 1 else
                     " (--keep-weights-only keeps only the weights of the older ones)"))
 
-    @property
-    def _last_loss(self) -> float | None:
-        return self.metrics.last.get("loss") if self.metrics else None
 
 
 def _mb(n: float) -> str:
