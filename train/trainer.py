@@ -262,6 +262,8 @@ class Trainer:
         opts, st, is_main = self.opts, self.state, self.rt.is_main
         self.metrics = MetricsLog(self.run_dir, enabled=is_main, wandb_run=self.wandb_run)
         timer = StepTimer(self.device)
+        if is_main:
+            self._log_checkpoint_size()  # before the bar: nothing prints into its line
         bar, quiet_logs = None, contextlib.nullcontext()
         if is_main and sys.stderr.isatty():
             from tqdm import tqdm
@@ -269,8 +271,6 @@ class Trainer:
             bar = tqdm(total=opts.max_steps, initial=st.step, dynamic_ncols=True, desc="train")
             quiet_logs = logging_redirect_tqdm()  # log lines print above the bar, never inside it
         self.model.train()
-        if is_main:
-            self._log_checkpoint_size()
         stop = _StopFlag()
         first_step = st.step
         try:
