@@ -18,20 +18,11 @@ from train.options import TrainOptions
 from train.task import LMTask
 from train.trainer import EVAL_MIN_BATCHES, Trainer, eval_batches
 
+from test_first_hour import small_data  # noqa: F401  (the fixture; tests/ is on sys.path under pytest)
+
 ROOT = Path(__file__).resolve().parents[1]
+
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    from data import prepare
-    import string, textwrap
-    src = tmp_path_factory.mktemp("corpus")
-    for mod in (string, textwrap):
-        (src / f"{mod.__name__}.py").write_text(Path(mod.__file__).read_text())
-    out = tmp_path_factory.mktemp("data") / "small"
-    prepare(out, sources=[str(src)], tokenizer="train:300", val_fraction=0.5, progress=False)
-    return out
 
 
 def val_windows(data_dir: Path, T: int) -> torch.Tensor:
@@ -73,12 +64,12 @@ def test_eval_budget_in_run_has_a_floor_and_the_final_reads_eval_tokens():
     assert eval_batches(small_split, 8 * 256, 3) == (3, 3)                  # never more than one pass
 
 
-def test_in_run_evaluation_spreads_its_batches_and_the_final_reads_all(data_dir):
+def test_in_run_evaluation_spreads_its_batches_and_the_final_reads_all(small_data):
     from data import TokenLoader
     from model import GPT
     from model.config import get_preset
     B, T = 4, 32
-    val = TokenLoader([(str(data_dir), 1.0)], B, T, split="val", mode="sequential")
+    val = TokenLoader([(str(small_data), 1.0)], B, T, split="val", mode="sequential")
     assert val.batches_per_epoch >= 10
     cfg = get_preset("tiny")
     cfg.vocab_size, cfg.kernels = 320, "torch"
@@ -86,19 +77,19 @@ def test_in_run_evaluation_spreads_its_batches_and_the_final_reads_all(data_dir)
     model = GPT(cfg).eval()
     task = LMTask(None, val, eval_batches=10)
     task.in_run_batches = 3
-    windows = val_windows(data_dir, T)
+    windows = val_windows(small_data, T)
     with torch.no_grad():
         in_run, final = task.evaluate(model, final=False)["val_loss"], task.evaluate(model, final=True)["val_loss"]
     assert in_run == pytest.approx(reference_val_loss(model, windows, B, [0, 3, 6]), rel=1e-5)
     assert final == pytest.approx(reference_val_loss(model, windows, B, range(10)), rel=1e-5)
 
 
-def test_a_run_with_the_automatic_cadence_ends_with_the_whole_budget(tmp_path, data_dir):
+def test_a_run_with_the_automatic_cadence_ends_with_the_whole_budget(tmp_path, small_data):
     """The final val loss printed and saved is the loss over the first --eval-tokens of the validation split,
     recomputed here from the shards with the final checkpoint; in-run evaluations read fewer batches."""
     run = tmp_path / "run"
     B, T, n_final = 4, 32, 10
-    p = subprocess.run([sys.executable, str(ROOT / "train/pretrain.py"), "--data", str(data_dir), "--out", str(run),
+    p = subprocess.run([sys.executable, str(ROOT / "train/pretrain.py"), "--data", str(small_data), "--out", str(run),
                         "--max-steps", "16", "--batch-size", str(B), "--seq-len", str(T), "--eval-tokens",
                         str(n_final * B * T), "--sample-prompt", "none", "--lr", "3e-3"],
                        capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
@@ -109,7 +100,7 @@ def test_a_run_with_the_automatic_cadence_ends_with_the_whole_budget(tmp_path, d
     assert evals[0]["step"] == 0 and evals[-1]["step"] == 16 and evals[-1]["val_loss"] == pytest.approx(summary["val_loss"])
     from model import load
     model = load(run)
-    ref = reference_val_loss(model, val_windows(data_dir, T), B, range(n_final))
+    ref = reference_val_loss(model, val_windows(small_data, T), B, range(n_final))
     assert summary["val_loss"] == pytest.approx(ref, rel=1e-4)
     assert f"val loss {summary['val_loss']:.4f}" in p.stderr
 
