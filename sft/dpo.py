@@ -113,7 +113,7 @@ class DPOTask:
         loss, cr, rr = dpo_loss(logps[:n], logps[n:], ref[:n], ref[n:], self.beta)
         return loss, pair_metrics(cr, rr)
 
-    def evaluate(self, model) -> dict:
+    def evaluate(self, model, final: bool = True) -> dict:
         ld = self.train_loader
         out = {}
         for prefix, pairs, ref in self.eval_sets:

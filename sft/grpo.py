@@ -233,7 +233,7 @@ class GRPOTask:
         return out
 
     @torch.no_grad()
-    def evaluate(self, model) -> dict:
+    def evaluate(self, model, final: bool = True) -> dict:
         """Greedy replies to the held-out prompts: mean reward per function and in total (val_reward)."""
         if not self.val:
             return {}

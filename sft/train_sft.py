@@ -35,7 +35,7 @@ def sft_task(opts, ft, rt, job):
     from sft.examples import build_sft_example
     from sft.formats import sft_messages
     from sft.packing import PackedSFTLoader
-    from train.trainer import eval_token_budget
+    from train.trainer import eval_batches
     from train.task import LMTask
 
     train, val, record = read_data(opts, ft, job, sft_messages,
@@ -47,16 +47,16 @@ def sft_task(opts, ft, rt, job):
     set_max_steps(opts, rt.world_size, st["rows"])
     val_loader = PackedSFTLoader(val, opts.batch_size, opts.seq_len, pad, shuffle=False, device=rt.device) if val else None
     step_tokens = opts.batch_size * opts.seq_len * opts.grad_accum * rt.world_size
-    eval_batches = (min(val_loader.batches_per_epoch(),
-                        max(1, eval_token_budget(opts, step_tokens) // (opts.batch_size * opts.seq_len)))
-                    if val_loader else 1)
+    in_run, final = eval_batches(opts, step_tokens, val_loader.batches_per_epoch()) if val_loader else (1, 1)
     log.info(f"SFT: {len(train)} train / {len(val)} val examples; {st['rows']} packed rows of {opts.seq_len} per "
              f"epoch ({100 * st['fill']:.0f}% filled, {st['trained_per_row']:.0f} trained tokens per row); "
              f"batch {opts.batch_size}x{opts.seq_len}x{opts.grad_accum}x{rt.world_size}; {opts.max_steps} steps; "
              f"out {job.run_dir}")
     log.info("SFT: the loop's tokens and tokens/s count trained (assistant) tokens, the loss's normaliser")
     fpu = flops_per_token(job.model.config, opts.seq_len) * opts.seq_len / max(st["trained_per_row"], 1.0)
-    return LMTask(loader, val_loader, eval_batches, opts.z_loss, fpu), record
+    task = LMTask(loader, val_loader, final, opts.z_loss, fpu)
+    task.in_run_batches = in_run
+    return task, record
 
 
 if __name__ == "__main__":

@@ -1,10 +1,56 @@
-"""What a newcomer runs first costs what a small machine has: kernel_bench's defaults, measured."""
+"""What a newcomer runs first and sees: kernel_bench's defaults (measured), a pretraining run's output and files,
+the progress bar's ETA on a terminal, the default folder when taken, SFT's chat sample, DPO's plot panels,
+merge_lora's --dtype, the example configs and silenced torchao noise."""
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+import torch
+
 ROOT = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+
+
+@pytest.fixture(scope="module")
+def small_data(tmp_path_factory):
+    """Two stdlib modules prepared with a 300-token BPE, half of them held out."""
+    import string
+    import textwrap
+    from data import prepare
+    src = tmp_path_factory.mktemp("src")
+    for mod in (string, textwrap):
+        (src / f"{mod.__name__}.py").write_text(Path(mod.__file__).read_text())
+    out = tmp_path_factory.mktemp("data") / "small"
+    prepare(out, sources=[str(src)], tokenizer="train:300", val_fraction=0.5, progress=False)
+    return out
+
+
+@pytest.fixture(scope="module")
+def chat_init(tmp_path_factory):
+    """A random tiny model with a tokenizer that has the chat tokens: what SFT, DPO and LoRA start from."""
+    from data import train_bpe
+    from model import GPT, GPTConfig
+    from model.io import save
+    tok = train_bpe(["def add(a, b):\n    return a + b\n", "Write Python. Add two numbers."] * 30, vocab_size=320)
+    torch.manual_seed(0)
+    d = tmp_path_factory.mktemp("init")
+    save(GPT(GPTConfig(vocab_size=tok.vocab_size, n_layer=2, n_embd=64, n_head=4, n_kv_head=2, ffn_hidden=128,
+                       max_seq_len=128, kernels="torch")), d)
+    tok.save(d)
+    return d
+
+
+def write_jsonl(path: Path, records) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+CONVS = [{"conversations": [{"role": "user", "content": f"Add {i}."},
+                            {"role": "assistant", "content": f"def add{i}(a):\n    return a + {i}"}]} for i in range(12)]
+SMALL = ["--batch-size", "2", "--seq-len", "128", "--log-every", "1", "--warmup", "1"]
 
 
 def test_kernel_bench_default_peak_memory_is_under_2_gb():
@@ -23,22 +69,13 @@ def test_kernel_bench_default_peak_memory_is_under_2_gb():
         [sys.executable, str(ROOT / "bench/kernel_bench.py"), "--help"], capture_output=True, text=True).stdout
 
 
-def test_a_pretraining_run_as_a_newcomer_sees_it(tmp_path):
+def test_a_pretraining_run_as_a_newcomer_sees_it(tmp_path, small_data):
     """Defaults: validation at the start and the end (automatic cadence) with a sample of a fixed prompt each
     time (samples.jsonl), a short summary on stderr and nothing on stdout, summary.json, loss.png; every
     output file has the mode the umask gives (safetensors alone would write 0600); --keep-weights-only
     strips the trainer state of the older checkpoints only."""
-    import os
-    import string
-    import textwrap
-    from data import prepare
-    src = tmp_path / "src"
-    src.mkdir()
-    for mod in (string, textwrap):
-        (src / f"{mod.__name__}.py").write_text(Path(mod.__file__).read_text())
-    prepare(tmp_path / "data", sources=[str(src)], tokenizer="train:300", val_fraction=0.5, progress=False)
     run = tmp_path / "run"
-    p = subprocess.run([sys.executable, str(ROOT / "train/pretrain.py"), "--data", str(tmp_path / "data"), "--out",
+    p = subprocess.run([sys.executable, str(ROOT / "train/pretrain.py"), "--data", str(small_data), "--out",
                         str(run), "--max-steps", "12", "--batch-size", "2", "--seq-len", "64", "--save-every", "4",
                         "--keep-weights-only", "--sample-prompt", "def f(x):"],
                        capture_output=True, text=True, timeout=600, preexec_fn=lambda: os.umask(0o027),
@@ -93,3 +130,139 @@ def test_torchao_import_noise_is_silenced_and_the_fp8_path_is_said():
     assert "FP8 via torchao" in p.stderr
     raw = subprocess.run([sys.executable, "-c", "import torchao.float8"], capture_output=True, text=True, timeout=300)
     assert "Failed to load" in raw.stderr or "Enum subclass" in raw.stderr  # the noise exists without the guard
+
+
+def test_the_progress_bar_on_a_terminal_shows_its_eta(tmp_path, small_data):
+    """stderr on a pseudo-terminal (160 columns): tqdm's bar, whose [elapsed<remaining] is the ETA, and every log
+    line printed on a line of its own, never into the bar."""
+    import fcntl
+    import pty
+    import re
+    import select
+    import struct
+    import termios
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 160, 0, 0))  # a size, as a terminal has
+    proc = subprocess.Popen([sys.executable, str(ROOT / "train/pretrain.py"), "--data", str(small_data), "--out",
+                             str(tmp_path / "run"), "--max-steps", "6", "--batch-size", "2", "--seq-len", "64",
+                             "--sample-prompt", "none"], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                            stderr=slave, env=ENV)
+    os.close(slave)
+    out = b""
+    while True:
+        ready, _, _ = select.select([master], [], [], 600)
+        try:
+            chunk = os.read(master, 65536) if ready else b""
+        except OSError:  # EIO: the child closed the terminal
+            chunk = b""
+        if not chunk:
+            break
+        out += chunk
+    os.close(master)
+    assert proc.wait(timeout=60) == 0, out.decode(errors="replace")
+    text = out.decode(errors="replace")
+    bars = re.findall(r"train:\s+\d+%\|.*?\| (\d+)/6 \[(\d\d:\d\d)<(\d\d:\d\d|\?)", text)
+    assert [b for b in bars if b[0] == "3" and b[2] != "?"], text     # mid-run: a remaining time is shown
+    for msg in ("model: tiny", "checkpoints: ~", "kernels: ", "step 0 | val_loss", "step 6 | val_loss", "done: 6 steps"):
+        at = text.index(msg)
+        assert text[at - 1] in "\r\n", text[max(0, at - 80):at + 20]            # not after a bar's text
+
+
+def test_a_taken_default_folder_is_said_and_next_names_the_new_one(tmp_path, small_data):
+    """No --out: the first run writes runs/tiny-small, the second runs/tiny-small-2, says so, and its `next:`
+    line points at runs/tiny-small-2."""
+    args = [sys.executable, str(ROOT / "train/pretrain.py"), "--data", str(small_data), "--max-steps", "1",
+            "--batch-size", "2", "--seq-len", "64", "--sample-prompt", "none"]
+    first = subprocess.run(args, cwd=tmp_path, capture_output=True, text=True, timeout=300, env=ENV)
+    assert first.returncode == 0, first.stderr
+    assert "next: python sft/train_sft.py --init runs/tiny-small " in first.stderr and "already holds" not in first.stderr
+    second = subprocess.run(args, cwd=tmp_path, capture_output=True, text=True, timeout=300, env=ENV)
+    assert second.returncode == 0, second.stderr
+    assert "out: runs/tiny-small already holds a run: this one goes to runs/tiny-small-2" in second.stderr
+    nxt = [ln for ln in second.stderr.splitlines() if ln.startswith("next:")]
+    assert nxt == [f"next: python sft/train_sft.py --init runs/tiny-small-2   (or try it: python infer/chat.py "
+                   f"--ckpt runs/tiny-small-2 --complete)"]
+    assert (tmp_path / "runs" / "tiny-small-2" / "checkpoints" / "step_00000001").is_dir()
+
+
+def test_sft_samples_the_fixed_chat_prompt_through_the_template(tmp_path, chat_init):
+    """samples.jsonl: at the start and the end, the fixed user message rendered as ChatML (written out here by
+    hand) with the assistant's header open, and the model's reply."""
+    from sft.common import SAMPLE_PROMPT
+    data = write_jsonl(tmp_path / "d.jsonl", CONVS)
+    out = tmp_path / "sft"
+    p = subprocess.run([sys.executable, str(ROOT / "sft/train_sft.py"), "--init", str(chat_init), "--data", str(data),
+                        "--out", str(out), "--max-steps", "2", *SMALL], cwd=tmp_path, capture_output=True, text=True,
+                       timeout=300, env=ENV)
+    assert p.returncode == 0, p.stderr
+    samples = [json.loads(ln) for ln in (out / "samples.jsonl").read_text().splitlines()]
+    chatml = f"<|im_start|>user\n{SAMPLE_PROMPT}<|im_end|>\n<|im_start|>assistant\n"
+    assert [s["step"] for s in samples] == [0, 2] and all(s["prompt"] == chatml for s in samples), samples
+    assert all(isinstance(s["text"], str) and "<|im_end|>" not in s["text"] for s in samples)  # stopped there
+    assert f"sample at step 2: {chatml!r} -> " in p.stderr
+
+
+def test_dpo_plot_has_reward_accuracy_and_margin_panels(tmp_path, chat_init, monkeypatch):
+    """The figure train_dpo saves as loss.png (caught at savefig on the real path): loss, reward accuracy and
+    margin (each with its train and held-out curves), learning rate and throughput."""
+    from matplotlib.figure import Figure
+    import sft.train_dpo
+    saved = {}
+    real_savefig = Figure.savefig
+
+    def spy(fig, fname, *a, **kw):
+        saved[Path(fname).name] = fig
+        return real_savefig(fig, fname, *a, **kw)
+
+    monkeypatch.setattr(Figure, "savefig", spy)
+    pairs = [{"prompt": f"Add {i}.", "chosen": f"def f(a):\n    return a + {i}", "rejected": "no"} for i in range(24)]
+    data, val = write_jsonl(tmp_path / "p.jsonl", pairs[:20]), write_jsonl(tmp_path / "v.jsonl", pairs[20:])
+    out = tmp_path / "dpo"
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        sft.train_dpo.main(["--init", str(chat_init), "--data", str(data), "--val-data", str(val), "--out", str(out), "--max-steps", "3",
+                            "--ref-cache", str(tmp_path / "cache"), "--batch-size", "2", "--seq-len", "64"])
+    finally:
+        torch.set_num_threads(n)
+    fig = saved["loss.png"]
+    assert (out / "loss.png").stat().st_size > 1000
+    panels = {ax.get_title(loc="left"): sorted(line.get_label() for line in ax.get_lines()) for ax in fig.axes}
+    assert panels == {"loss": ["train", "val"], "reward accuracy (DPO)": ["train", "val"],
+                      "reward margin (DPO)": ["train", "val"], "learning rate": ["lr"], "throughput": ["units/s"]}
+    acc = next(ax for ax in fig.axes if ax.get_title(loc="left") == "reward accuracy (DPO)")
+    recs = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
+    train_line = next(line for line in acc.get_lines() if line.get_label() == "train")
+    assert list(train_line.get_ydata()) == pytest.approx([r["reward_acc"] for r in recs if "reward_acc" in r])
+
+
+def test_merge_lora_dtype_casts_the_fp32_merge(tmp_path, chat_init):
+    """sft/merge_lora.py --dtype bf16: every merged weight is bf16 and equals the fp32 merge rounded to bf16
+    (within bf16's half-ulp of it); the fp32 merge equals W + B @ A * alpha / r computed here in fp64."""
+    from safetensors.torch import load_file
+    data = write_jsonl(tmp_path / "d.jsonl", CONVS)
+    run = tmp_path / "lora"
+    p = subprocess.run([sys.executable, str(ROOT / "sft/train_sft.py"), "--init", str(chat_init), "--data", str(data),
+                        "--out", str(run), "--max-steps", "2", "--lr", "1e-2", "--lora-rank", "4", "--lora-alpha", "8",
+                        *SMALL], cwd=tmp_path, capture_output=True, text=True, timeout=300, env=ENV)
+    assert p.returncode == 0, p.stderr
+    for dtype in ("fp32", "bf16"):
+        m = subprocess.run([sys.executable, str(ROOT / "sft/merge_lora.py"), str(run), str(tmp_path / dtype), "--dtype",
+                            dtype], cwd=tmp_path, capture_output=True, text=True, timeout=300, env=ENV)
+        assert m.returncode == 0, m.stderr
+    f32, b16 = load_file(str(tmp_path / "fp32" / "model.safetensors")), load_file(str(tmp_path / "bf16" / "model.safetensors"))
+    assert set(f32) == set(b16)
+    assert {v.dtype for v in f32.values()} == {torch.float32} and {v.dtype for v in b16.values()} == {torch.bfloat16}
+    for k in f32:
+        assert torch.equal(b16[k], f32[k].to(torch.bfloat16)), k
+        torch.testing.assert_close(b16[k].float(), f32[k], rtol=2 ** -8, atol=0), k
+    # the fp32 merge against the formula, from the adapter file and the base weights
+    ck = sorted((run / "checkpoints").iterdir())[-1]
+    conf = json.loads((ck / "adapter_config.json").read_text())
+    ad, base = load_file(str(ck / "adapter.safetensors")), load_file(str(chat_init / "model.safetensors"))
+    scale = conf["alpha"] / conf["rank"]
+    mods = {k[:-len(".lora_A")] for k in ad if k.endswith(".lora_A")}
+    assert mods and any(ad[f"{m}.lora_B"].abs().sum() > 0 for m in mods)   # trained: B moved off zero
+    for mod in mods:
+        want = base[f"{mod}.weight"].double() + ad[f"{mod}.lora_B"].double() @ ad[f"{mod}.lora_A"].double() * scale
+        torch.testing.assert_close(f32[f"{mod}.weight"].double(), want, rtol=1e-6, atol=1e-6)

@@ -66,9 +66,9 @@ class TrainOptions:
     ema: float = _opt(0.0, "optimisation", "keep an exponential moving average of the weights with this decay "
                       "(e.g. 0.999), saved as ema.safetensors; default: 0 (off)")
     eval_every: int = _opt(-1, "evaluation", "validation loss (and a sample from a fixed prompt) every N steps; "
-                           "0 = only at the end; default: -1 = about 20 times per run")
-    eval_tokens: int = _opt(65536, "evaluation", "validation tokens per evaluation (at most one pass over the "
-                            "validation split); default: 65536")
+                           "0 = only at the end; default: -1 = automatic (~3%% of the training time)")
+    eval_tokens: int = _opt(65536, "evaluation", "validation tokens of the final evaluation, and of each one with "
+                            "--eval-every N (at most one pass over the validation split); default: 65536")
     save_every: int = _opt(0, "checkpoints", "checkpoint every N steps; default: 0 = only at the end (and on Ctrl-C)")
     keep_last: int = _opt(3, "checkpoints", "keep the newest N checkpoints; default: 3")
     keep_weights_only: bool = _opt(False, "checkpoints", "drop the trainer state (optimizer, ~2/3 of a checkpoint) "

@@ -56,7 +56,7 @@ def build(opts: TrainOptions, rt, make_task=None):
     from model.io import resolve_checkpoint
     from train.setup import build_model, check_seq_len, open_run_dir, pad_vocab
     from train.task import LMTask
-    from train.trainer import Trainer, eval_token_budget
+    from train.trainer import Trainer, eval_batches
 
     resolve_defaults(opts, rt)
     sources = ensure_data(opts, rt)
@@ -82,16 +82,14 @@ def build(opts: TrainOptions, rt, make_task=None):
     if loader.vocab_size is not None and loader.vocab_size > model.config.vocab_size:
         raise FurnaceError(f"--init model has vocab {model.config.vocab_size} < the data tokenizer's {loader.vocab_size}")
 
-    # --eval-tokens, but never more than one pass over the validation split
     step_tokens = opts.batch_size * opts.seq_len * opts.grad_accum * rt.world_size
-    eval_batches = max(1, min(eval_token_budget(opts, step_tokens) // (opts.batch_size * opts.seq_len),
-                              val.batches_per_epoch))
+    in_run, final = eval_batches(opts, step_tokens, val.batches_per_epoch)
     log.info(f"model: {opts.preset}, {model.num_params() / 1e6:.2f}M params, vocab {model.config.vocab_size}; "
              f"batch {opts.batch_size}x{opts.seq_len}x{opts.grad_accum}x{rt.world_size}; {opts.max_steps} steps; "
              f"out {run_dir}")
-    task = (make_task(loader, val, eval_batches, model, Path(sources[0][0])) if make_task else
-            LMTask(loader, val, eval_batches, opts.z_loss, flops_per_token(model.config, opts.seq_len)))
-    task.sample = make_sampler(opts, sources[0][0], val)
+    task = (make_task(loader, val, final, model, Path(sources[0][0])) if make_task else
+            LMTask(loader, val, final, opts.z_loss, flops_per_token(model.config, opts.seq_len)))
+    task.in_run_batches, task.sample = in_run, make_sampler(opts, sources[0][0], val)
     trainer = Trainer(opts, task, model, rt, run_dir, resume=resume_ckpt, tokenizer_dir=Path(sources[0][0]))
     return trainer, {"data": sources}
 

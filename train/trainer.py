@@ -46,17 +46,22 @@ from train.setup import Runtime
 log = logging.getLogger("furnace")
 TIMING_WARMUP = 3  # steps excluded from the run's summary tokens/s (allocator, compile, autotune)
 AUTO_EVALS, AUTO_EVAL_COST = 20, 0.03  # --eval-every -1: about 20 evaluations, at most ~3% of the training time
-ESTIMATE_AFTER = TIMING_WARMUP + 2      # steps timed before the cost estimate and the automatic eval cadence
+EVAL_MIN_BATCHES = 6                   # ... each reading at least this many validation batches
+ESTIMATE_STEPS = 8  # steps timed (after the warm-up, none right after an evaluation) before the cost estimate
 
 
-def eval_token_budget(opts: TrainOptions, tokens_per_step: int) -> int:
-    """Validation tokens per evaluation: --eval-tokens; with the automatic cadence (--eval-every -1) at most
-    what keeps AUTO_EVALS + 1 evaluations (a forward pass: ~1/3 of a training token's FLOPs) within
-    AUTO_EVAL_COST of the run's compute, and at least one batch."""
+def eval_batches(opts: TrainOptions, tokens_per_step: int, batches_in_split: int) -> tuple[int, int]:
+    """(validation batches per in-run evaluation, batches of the final one). The final evaluation reads
+    --eval-tokens (at most one pass over the split): the number to compare between runs. With --eval-every N
+    every evaluation reads as much. With the automatic cadence (-1) an in-run one reads what keeps AUTO_EVALS + 1
+    of them (a forward pass: ~1/3 of a training token's FLOPs) within AUTO_EVAL_COST of the run's compute, but at
+    least EVAL_MIN_BATCHES (LMTask spreads them over the final's batches); the cadence then follows the
+    measured cost, so a floor above the budget means fewer evaluations, not a dearer run."""
+    final = max(1, min(opts.eval_tokens // (opts.batch_size * opts.seq_len), batches_in_split))
     if opts.eval_every != -1:
-        return opts.eval_tokens
+        return final, final
     budget = 3 * AUTO_EVAL_COST * opts.max_steps * tokens_per_step / (AUTO_EVALS + 1)
-    return int(min(opts.eval_tokens, max(budget, opts.batch_size * opts.seq_len)))
+    return min(final, max(EVAL_MIN_BATCHES, int(budget) // (opts.batch_size * opts.seq_len))), final
 
 
 @dataclass
@@ -242,15 +247,17 @@ class Trainer:
                 self.ema[k].mul_(d).add_(v.detach().float(), alpha=1 - d)
 
     @torch.no_grad()
-    def evaluate(self) -> dict:
+    def evaluate(self, final: bool = False) -> dict:
         """The task's evaluation, on the unwrapped model in eval mode, under the run's autocast."""
         with eval_mode(unwrap(self.model)) as model, self.prec.autocast(self.device.type):
-            return self.task.evaluate(model)
+            return self.task.evaluate(model, final=final)
 
     # ---- the loop ------------------------------------------------------------------------------------
     def fit(self) -> dict:
         opts, st, is_main = self.opts, self.state, self.rt.is_main
         self.metrics = MetricsLog(self.run_dir, enabled=is_main, wandb_run=self.wandb_run)
+        if is_main:
+            self._log_checkpoint_size()  # before the bar: nothing prints into its line
         bar, quiet_logs = None, contextlib.nullcontext()
         if is_main and sys.stderr.isatty():
             from tqdm import tqdm
@@ -258,25 +265,25 @@ class Trainer:
             bar = tqdm(total=opts.max_steps, initial=st.step, dynamic_ncols=True, desc="train")
             quiet_logs = logging_redirect_tqdm()  # log lines print above the bar, never inside it
         self.model.train()
-        if is_main:
-            self._log_checkpoint_size()
         stop = _StopFlag()
         first_step = st.step
         try:
             quiet_logs.__enter__()
             if self.eval_every is None or (st.step == 0 and self.eval_every):
                 self._log_eval()  # the starting point, and (automatic cadence) what one evaluation costs
-            t_start = time.perf_counter()
+            t_start, paused, timed = time.perf_counter(), True, False
             while st.step < opts.max_steps:
                 t0 = self._synced_clock()
                 out = self.train_step()
                 dt = self._synced_clock() - t0        # the step alone: evaluation and checkpoints excluded
-                if st.step > TIMING_WARMUP:
+                if st.step - first_step > TIMING_WARMUP and not paused:  # caches are cold after an eval or a save
                     self.step_times.append(dt)
+                paused = False
                 rec = self._record(out, dt)
                 self.metrics.write(rec)
-                if st.step - first_step == ESTIMATE_AFTER:
+                if len(self.step_times) == ESTIMATE_STEPS and not timed:
                     self._on_timed()
+                    timed = True
                 eta = (time.perf_counter() - t_start) / (st.step - first_step) * (opts.max_steps - st.step)
                 if bar is not None:
                     bar.update(1)
@@ -290,14 +297,16 @@ class Trainer:
                     break
                 if self.eval_every and st.step % self.eval_every == 0 and st.step < opts.max_steps:
                     self._log_eval()
+                    paused = True
                 if opts.save_every and st.step % opts.save_every == 0 and st.step < opts.max_steps:
                     self.save()
+                    paused = True
             summary = {"steps": st.step, "tokens": st.tokens, "skipped_steps": st.bad_total,
                        "interrupted": stop.requested}
             if stop.requested:
                 log.info(f"interrupted at step {st.step}: saving a checkpoint; continue with --resume")
             else:
-                summary.update(self._log_eval())
+                summary.update(self._log_eval(final=True))
             summary["final_loss"] = self.metrics.last.get("loss")
         finally:
             stop.restore()
@@ -357,11 +366,11 @@ class Trainer:
             rec.update(self.task.step_metrics(dt))
         return rec
 
-    def _log_eval(self) -> dict:
+    def _log_eval(self, final: bool = False) -> dict:
         """The task's evaluation and, on rank 0, its sample from the fixed prompt (printed and appended to
-        OUT/samples.jsonl); both timed for the automatic cadence."""
+        OUT/samples.jsonl); an in-run one is timed for the automatic cadence and the cost estimate."""
         t0 = time.perf_counter()
-        ev = self.evaluate()
+        ev = self.evaluate(final)
         if ev:
             self.metrics.write({"step": self.state.step, **ev})
             if self.rt.is_main:
@@ -372,24 +381,32 @@ class Trainer:
                 prompt, text = sample(model)
             log.info(f"sample at step {self.state.step}: {prompt!r} -> {text!r}")
             _append_jsonl(self.run_dir / "samples.jsonl", {"step": self.state.step, "prompt": prompt, "text": text})
-        self.eval_seconds = time.perf_counter() - t0
+        if not final:
+            self.eval_seconds = time.perf_counter() - t0
         return ev
 
     def _on_timed(self) -> None:
-        """After the first timed steps: the automatic evaluation cadence, and what the whole run will cost."""
+        """After ESTIMATE_STEPS timed steps: the automatic evaluation cadence, and what the rest of the run will
+        cost: the median step (the first steps, slow while caches and the allocator warm up, are not timed)
+        times the steps left, plus the evaluations left at what the last one took."""
         opts, st = self.opts, self.state
-        s_per_step = statistics.median(self.step_times) if self.step_times else 0.0
+        s_per_step = statistics.median(self.step_times)
+        eval_s = self.eval_seconds or 0.0
         if self.eval_every is None:
-            by_cost = math.ceil((self.eval_seconds or 0.0) / (AUTO_EVAL_COST * s_per_step)) if s_per_step else 1
+            by_cost = math.ceil(eval_s / (AUTO_EVAL_COST * s_per_step)) if s_per_step else 1
             self.eval_every = max(1, -(-opts.max_steps // AUTO_EVALS), by_cost)
             if self.rt.is_main:
-                share = (self.eval_seconds or 0.0) / max(self.eval_every * s_per_step, 1e-9)
-                log.info(f"evaluation: every {self.eval_every} steps ({self.eval_seconds:.1f} s each, ~{100 * share:.1f}% "
+                share = eval_s / max(self.eval_every * s_per_step, 1e-9)
+                log.info(f"evaluation: every {self.eval_every} steps ({eval_s:.1f} s each, ~{100 * share:.1f}% "
                          f"of the training time; --eval-every N to change, 0 = only at the end)")
         if self.rt.is_main and s_per_step:
-            left = (opts.max_steps - st.step) * s_per_step
-            msg = (f"speed: {s_per_step:.2f} s/step over steps {st.step - len(self.step_times) + 1}-{st.step}: "
-                   f"about {format_duration(left)} for the {opts.max_steps - st.step} steps left")
+            steps_left = opts.max_steps - st.step
+            evals_left = 1 + ((opts.max_steps - 1) // self.eval_every - st.step // self.eval_every
+                              if self.eval_every else 0)  # in-run ones, and the final one
+            left = steps_left * s_per_step + evals_left * eval_s
+            msg = (f"speed: {s_per_step:.2f} s/step (median of {len(self.step_times)} steps after the first "
+                   f"{TIMING_WARMUP}): about {format_duration(left)} for the {steps_left} steps left and "
+                   f"{evals_left} evaluation{'s' if evals_left > 1 else ''}")
             if left > 3600:
                 msg += (" (a quicker run: a smaller --preset, fewer --max-steps or --tokens; Ctrl-C saves a "
                         "checkpoint, --resume continues)")
