@@ -1,7 +1,7 @@
-"""The C++ int8 operators, torch.compile-friendly: our int8 matmul `matmul(x, packed, scale, wsum, n, isa)`
+"""The C++ int8 operators, torch.compile-friendly: our int8 matmul `matmul(x, packed, n, isa)`
 (infer/csrc/int8_matvec.cpp) and FBGEMM's int8 linear `linear_op()(x, key, n)` (infer/csrc/int8_linear.cpp).
 
-Our matmul takes plain tensors (packed by infer.quant.pack_rows); `native_isas()` lists the instruction sets of
+Our matmul takes a plain int8 tensor (packed by infer.quant.pack_rows); `native_isas()` lists the instruction sets of
 its kernels this CPU runs (avx512_vnni, avx2), empty without the C++ build (FBGEMM then does the work).
 
 FBGEMM keeps packed int8 weights in a TorchScript object that torch.compile cannot pass through a graph, so the
@@ -46,7 +46,7 @@ def _fake_linear(x, key, n):
     return x.new_empty(x.shape[0], n)
 
 
-def _fake_matmul(x, w, scale, wsum, n, isa):
+def _fake_matmul(x, w, n, isa):
     return x.new_empty(x.shape[0], n)
 
 
@@ -100,7 +100,6 @@ def native_isas() -> tuple[str, ...]:
     return tuple(name for name, code in ISAS.items() if code <= level)
 
 
-def matmul(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, wsum: torch.Tensor, n: int,
-           isa: str) -> torch.Tensor:
+def matmul(x: torch.Tensor, packed: torch.Tensor, n: int, isa: str) -> torch.Tensor:
     """x (M, K) fp32 -> (M, n) fp32 with weights packed by infer.quant.pack_rows, on `isa`'s kernel."""
-    return torch.ops.furnace_int8.matmul.default(x, packed, scale, wsum, n, ISAS[isa])
+    return torch.ops.furnace_int8.matmul.default(x, packed, n, ISAS[isa])

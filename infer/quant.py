@@ -53,10 +53,10 @@ def _quantized_tensor(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
 ROW_BLOCK = 64   # output rows per packed block of our int8 matmul (kRows in infer/csrc/int8_matvec.cpp)
 
 
-def pack_rows(q: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """int8 q (N, K) and scales (N,) -> (packed int8 (Np/64, Kp/4, 64, 4), scales (Np,), row sums int32 (Np,)),
-    the layout of our int8 matmul: N padded with zero rows to a multiple of 64, K to a multiple of 4; in each
-    block of 64 rows, 4 consecutive k of a row are one 32-bit lane (vpdpbusd's operand)."""
+def pack_rows(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """int8 q (N, K) and scales (N,) -> one int8 buffer for our int8 matmul: the weights as (Np/64, Kp/4, 64, 4)
+    (N padded with zero rows to a multiple of 64, K to a multiple of 4; in each block of 64 rows, 4 consecutive k
+    of a row are one 32-bit lane, vpdpbusd's operand), then the scales (Np fp32), then the row sums (Np int32)."""
     N, K = q.shape
     Np, Kp = -(-N // ROW_BLOCK) * ROW_BLOCK, -(-K // 4) * 4
     qp = torch.zeros(Np, Kp, dtype=torch.int8)
@@ -64,7 +64,7 @@ def pack_rows(q: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch
     packed = qp.view(Np // ROW_BLOCK, ROW_BLOCK, Kp // 4, 4).permute(0, 2, 1, 3).contiguous()  # (Np/64, Kp/4, 64, 4)
     sp = torch.zeros(Np)
     sp[:N] = scale
-    return packed, sp, qp.sum(dim=1, dtype=torch.int32)
+    return torch.cat([packed.flatten(), sp.view(torch.int8), qp.sum(dim=1, dtype=torch.int32).view(torch.int8)])
 
 
 KERNEL_CHOICES = ("auto", *int8_op.ISAS, "fbgemm")
@@ -135,12 +135,9 @@ class Int8Linear(nn.Module):
         if self.backend in int8_op.ISAS:
             if self.backend not in int8_op.native_isas():              # also builds and loads the operators
                 raise ValueError(f"Int8Linear: backend {self.backend!r} does not run here ({int8_op.native_isas()})")
-            # Frozen Parameters, not buffers: a compiled decode step keeps a tensor-match guard on every buffer it
-            # reads, even with guard evaluation skipped (infer.decode): 99 per token on 26m, ~9% of its time.
-            packed, pscale, wsum = (nn.Parameter(t.to(device), requires_grad=False) for t in pack_rows(q, scale))
-            self.packed = packed                                                # (Np/64, Kp/4, 64, 4) int8
-            self.packed_scale = pscale                                          # (Np,) fp32
-            self.row_sum = wsum                                                 # (Np,) int32
+            # A frozen Parameter, not a buffer: a compiled decode step keeps a tensor-match guard on every buffer
+            # it reads, even with guard evaluation skipped (infer.decode): ~9% of a 26m token with buffers.
+            self.packed = nn.Parameter(pack_rows(q, scale).to(device), requires_grad=False)   # (Np * (Kp + 8),) int8
         elif self.backend == "fbgemm":
             self._packed = torch.ops.quantized.linear_prepack(_quantized_tensor(q, scale), None)
             self._key, self._op = int8_op.hold(self._packed), int8_op.linear_op()  # see infer/int8_op.py
@@ -163,8 +160,7 @@ class Int8Linear(nn.Module):
         shape = x.shape
         x2 = x.reshape(-1, self.in_features)                                # (M, K)
         if self.backend in int8_op.ISAS:
-            y = int8_op.matmul(x2.float(), self.packed, self.packed_scale, self.row_sum, self.out_features,
-                               self.backend)                                  # (M, N) fp32
+            y = int8_op.matmul(x2.float(), self.packed, self.out_features, self.backend)   # (M, N) fp32
         elif self.backend == "fbgemm":
             y = self._op(x2.float(), self._key, self.out_features)           # (M, N) fp32
         elif self.backend == "int8pack":

@@ -39,8 +39,10 @@ def test_this_machine_runs_both_of_our_kernels():
 def test_pack_rows_layout():
     q = torch.randint(-127, 128, (70, 10), dtype=torch.int8)
     s = torch.rand(70)
-    packed, ps, rs = pack_rows(q, s)
-    assert packed.shape == (2, 3, 64, 4)                                # N 70 -> 128 rows, K 10 -> 12
+    buf = pack_rows(q, s)
+    assert buf.shape == (128 * 12 + 128 * 8,)                           # N 70 -> 128 rows, K 10 -> 12
+    packed = buf[:128 * 12].view(2, 3, 64, 4)
+    ps, rs = buf[128 * 12:128 * 16].view(torch.float32), buf[128 * 16:].view(torch.int32)
     for b, kq, r, j in [(0, 0, 0, 0), (0, 2, 5, 1), (1, 1, 5, 3), (1, 2, 63, 3)]:
         n, k = 64 * b + r, 4 * kq + j
         assert packed[b, kq, r, j] == (q[n, k] if n < 70 and k < 10 else 0)

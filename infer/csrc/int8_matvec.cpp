@@ -1,9 +1,11 @@
 // furnace_int8::matmul: a decode-specialised int8 linear, y (M, n) = x (M, K) fp32 @ (q * scale[:, None]).T
 //
-// Weights: int8, one fp32 scale per output row, packed by infer/quant.py `pack_rows` as
-// (N/64, K/4, 64, 4): for each block of 64 output rows, 4 consecutive k of one row form a 32-bit lane, so one
-// 64-byte load holds 16 rows x 4 k (AVX-512) or two 32-byte loads 8 rows x 4 k each (AVX2), and a block's
-// weights are one contiguous stream. N is padded to 64 rows and K to 4 with zeros.
+// Weights: int8, one fp32 scale per output row, packed by infer/quant.py `pack_rows` into one int8 buffer:
+// the weights as (N/64, K/4, 64, 4), then the scales (N fp32), then the row sums (N int32). In the weights, for
+// each block of 64 output rows, 4 consecutive k of one row form a 32-bit lane, so one 64-byte load holds 16 rows
+// x 4 k (AVX-512) or two 32-byte loads 8 rows x 4 k each (AVX2), and a block's weights are one contiguous stream.
+// N is padded to 64 rows and K to 4 with zeros. One buffer, not three: a compiled step fetches each tensor it
+// reads from the module tree in Python on every call.
 // Activations: each row of x is quantised once per call to int8 with its own symmetric scale
 // (s = max|x| / 127, q = round(x * 127 / max|x|)), as llama.cpp's q8 activations are: no zero point, no
 // packing, no GEMM machinery for M = 1.
@@ -150,15 +152,15 @@ __attribute__((target("avx2,fma"))) void block_avx2(const int8_t* w, const int8_
   }
 }
 
-// x (M, K) fp32; w (N/64 * K/4 * 256) int8 packed; scale (Np) fp32; wsum (Np) int32; isa 2 = avx512_vnni, 1 = avx2.
-at::Tensor matmul(const at::Tensor& x_in, const at::Tensor& w, const at::Tensor& scale, const at::Tensor& wsum,
-                  int64_t n, int64_t isa) {
+// x (M, K) fp32; w the packed buffer (Np * Kp weights, Np fp32 scales, Np int32 row sums); isa 2 = avx512_vnni,
+// 1 = avx2.
+at::Tensor matmul(const at::Tensor& x_in, const at::Tensor& w, int64_t n, int64_t isa) {
   TORCH_CHECK(x_in.dim() == 2 && x_in.scalar_type() == at::kFloat, "furnace_int8::matmul: x must be (M, K) fp32");
   TORCH_CHECK(w.scalar_type() == at::kChar && w.is_contiguous(), "furnace_int8::matmul: packed weights must be int8");
   TORCH_CHECK(isa == 1 || isa == 2, "furnace_int8::matmul: isa must be 1 (avx2) or 2 (avx512_vnni), got ", isa);
   const at::Tensor x = x_in.contiguous();
-  const int64_t M = x.size(0), K = x.size(1), Kp = (K + 3) / 4 * 4, Np = scale.numel(), nb = Np / kRows;
-  TORCH_CHECK(Np % kRows == 0 && n <= Np && n > Np - kRows && w.numel() == Np * Kp && wsum.numel() == Np,
+  const int64_t M = x.size(0), K = x.size(1), Kp = (K + 3) / 4 * 4, Np = w.numel() / (Kp + 8), nb = Np / kRows;
+  TORCH_CHECK(w.numel() == Np * (Kp + 8) && Np % kRows == 0 && n <= Np && n > Np - kRows,
               "furnace_int8::matmul: packed weights do not match x's ", K, " inputs and ", n, " outputs");
   at::Tensor y = at::empty({M, n}, x.options());
   if (M == 0) return y;
@@ -170,8 +172,8 @@ at::Tensor matmul(const at::Tensor& x_in, const at::Tensor& w, const at::Tensor&
     sx[m] = isa == 2 ? quantize_row_avx512(xm, K, Kp, flip, &xq[m * Kp]) : quantize_row(xm, K, Kp, flip, &xq[m * Kp]);
   }
   const int8_t* wp = w.data_ptr<int8_t>();
-  const float* sp = scale.data_ptr<float>();
-  const int32_t* ws = wsum.data_ptr<int32_t>();
+  const float* sp = reinterpret_cast<const float*>(wp + Np * Kp);              // 256-byte aligned offsets
+  const int32_t* ws = reinterpret_cast<const int32_t*>(wp + Np * Kp + Np * 4);
   float* yp = y.data_ptr<float>();
   const int64_t Kq = Kp / 4;
   at::parallel_for(0, nb, 1, [&](int64_t b0, int64_t b1) {
@@ -216,7 +218,7 @@ int64_t cpu_isa() {
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(furnace_int8, m) {
-  m.def("matmul(Tensor x, Tensor w, Tensor scale, Tensor wsum, int n, int isa) -> Tensor");
+  m.def("matmul(Tensor x, Tensor w, int n, int isa) -> Tensor");
   m.impl("matmul", c10::DispatchKey::CPU, TORCH_FN(matmul));
   m.def("cpu_isa() -> int", cpu_isa);
 }
