@@ -7,8 +7,11 @@ round, then --repeats timed rounds) so drifting machine load hits them alike; me
 
     python bench/generate.py                       # presets 26m and 112m, random weights
     python bench/generate.py --presets 26m --new-tokens 32 --repeats 2
-    python bench/generate.py --dtypes int8 --compile on --hf-dtypes "" --llama-types q8_0   # ours vs llama.cpp
-The last stdout line is one JSON document with every number and the conditions.
+    python bench/generate.py --vs-llama            # the decode target: ours int8 compiled vs llama.cpp Q8_0
+With both an int8 row of ours and a llama.cpp row, the ratios ours / llama.cpp of decode tokens/s and of time to
+first token are also taken round by round (one round = every row once, back to back), which is more robust on a
+shared machine than the ratio of medians. The last stdout line is one JSON document with every number and the
+conditions.
 """
 import sys
 from pathlib import Path
@@ -27,7 +30,7 @@ from kernels.common import FurnaceError, run_cli  # noqa: E402
 
 def matvec_gbps(mode: str = "fp32", mib: int = 256, reps: int = 20) -> float:
     """Weight bytes per second streamed by one matrix-vector product over a `mib` MiB matrix (median): fp32 and
-    bf16 through F.linear, int8 through our Int8Linear (FBGEMM). Far larger than any cache."""
+    bf16 through F.linear, int8 through our Int8Linear (this CPU's int8 kernel). Far larger than any cache."""
     import torch
     import torch.nn.functional as F
 
@@ -126,6 +129,25 @@ def _llama_variants(base, preset, types, threads, n_ctx, tmp, gbps):
     return out
 
 
+def _round_ratios(measured) -> list[dict]:
+    """[(row, [(ttft s, tok/s) per round])] -> for each int8 row of ours and each llama.cpp row of the preset, the
+    ratios ours / llama.cpp of decode tokens/s (> 1: ours faster) and of TTFT (< 1: ours sooner), round by round."""
+    out = []
+    for ours, a in measured:
+        if ours["impl"] == "llama.cpp" or ours["dtype"] != "int8":
+            continue
+        for llama, b in measured:
+            if llama["impl"] != "llama.cpp":
+                continue
+            dec = [x[1] / y[1] for x, y in zip(a, b)]
+            ttft = [x[0] / y[0] for x, y in zip(a, b)]
+            out.append({"preset": ours["preset"], "ours": f"{ours['impl']} {ours['dtype']}", "llama": llama["dtype"],
+                        "decode_ratio": statistics.median(dec), "decode_ratio_range": [min(dec), max(dec)],
+                        "decode_ratio_runs": dec, "ttft_ratio": statistics.median(ttft),
+                        "ttft_ratio_range": [min(ttft), max(ttft)]})
+    return out
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--presets", default="26m,112m", help="comma-separated model presets (random weights); default: 26m,112m")
@@ -139,6 +161,12 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=None, help="CPU threads; default: physical cores")
     p.add_argument("--compile", default="both", choices=["both", "on", "off"],
                    help="our rows with the eager and/or the compiled decode step (infer.decode); default: both")
+    p.add_argument("--vs-llama", action="store_true",
+                   help="the decode target check: our int8 compiled step vs llama.cpp Q8_0, 1 thread, 6 timed rounds "
+                        "(= --dtypes int8 --compile on --hf-dtypes '' --llama-types q8_0 --threads 1 --repeats 6; "
+                        "flags given as well win)")
+    if p.parse_known_args(argv)[0].vs_llama:
+        p.set_defaults(dtypes="int8", compile="on", hf_dtypes="", llama_types="q8_0", threads=1, repeats=6)
     args = p.parse_args(argv)
 
     import copy
@@ -176,7 +204,7 @@ def main(argv=None):
           f"llama-cpp-python {v['llama-cpp-python']}, load {cond['load_avg_1m']}; matrix-vector GB/s "
           f"{', '.join(f'{m} {v:.1f}' for m, v in per_mode.items())} -> bound at {gbps:.1f} GB/s; prompt "
           f"{args.prompt_len}, {args.new_tokens} new tokens, greedy, median of {args.repeats}", flush=True)
-    rows = []
+    rows, ratios = [], []
     print(f"{'preset':6} {'impl':15} {'dtype':5} {'weights MB':>10} {'TTFT ms':>8} {'decode tok/s':>12} "
           f"{'range':>13} {'bound tok/s':>11} {'% of bound':>10}", flush=True)
 
@@ -238,11 +266,16 @@ def main(argv=None):
             tps = [r[1] for r in rs]
             add({**row, "ttft_ms": statistics.median(ttft), "ttft_ms_range": [min(ttft), max(ttft)],
                  "decode_tok_s": statistics.median(tps), "decode_tok_s_range": [min(tps), max(tps)],
-                 "decode_tok_s_runs": tps})
+                 "decode_tok_s_runs": tps, "ttft_ms_runs": ttft})
+        ratios += _round_ratios([(row, rs) for (row, _, _), rs in zip(variants, runs)])
         del variants, base
+    for r in ratios:
+        print(f"# {r['preset']} ours {r['ours']} / llama.cpp {r['llama']}, by round: decode tok/s ratio median "
+              f"{r['decode_ratio']:.2f} ({r['decode_ratio_range'][0]:.2f}-{r['decode_ratio_range'][1]:.2f}), TTFT "
+              f"ratio median {r['ttft_ratio']:.2f} ({r['ttft_ratio_range'][0]:.2f}-{r['ttft_ratio_range'][1]:.2f})")
     cond["load_avg_1m_end"] = os.getloadavg()[0]
     print(json.dumps({"conditions": cond, "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
-                      "repeats": args.repeats, "rows": rows}))
+                      "repeats": args.repeats, "rows": rows, "ratios": ratios}))
     return 0
 
 

@@ -8,17 +8,18 @@ lookup reads one row per token, not the matrix); with tied embeddings the LM hea
 Norm weights, RoPE tables and the KV cache stay fp32. q/k/v and gate/up are fused into one int8 linear each
 (FusedAttention / FusedMLP swapped in): 4 calls per layer instead of 7.
 
-CPU matmul kernel, measured on a 2-core AVX-512 EPYC (bench/generate.py, infer/README.md): FBGEMM's
-dynamic int8 linear (`quantized::linear_dynamic`: activations quantized per call to uint8, int32
-accumulation) reads int8 weights at ~30-40 GB/s, 10x faster than fp32 for the 49152x768 LM head and
-~2-3x faster than `torch._weight_int8pack_mm` (bf16 activations), torchao's eager int8 paths or oneDNN's
-qlinear. It is used when available, called through `infer.int8_op` (a small C++ operator, so torch.compile
-can trace it); otherwise `_weight_int8pack_mm`, then dequantize-and-matmul (logged once).
+CPU matmul kernel (bench/generate.py, infer/README.md): our int8 matmul (infer/csrc/int8_matvec.cpp, through
+`infer.int8_op`): weights packed for VNNI by `pack_rows`, each activation row quantized once per call to int8
+with its own symmetric scale, vpdpbusd (AVX-512 VNNI) or vpmaddubsw (AVX2) accumulation, chosen at run time for
+the CPU. Without either (or without the C++ build): FBGEMM's dynamic int8 linear (`quantized::linear_dynamic`,
+activations quantized per call to uint8 with one scale per tensor), then `_weight_int8pack_mm`, then
+dequantize-and-matmul (logged once). FURNACE_INT8_KERNEL=avx512_vnni|avx2|fbgemm forces one.
 """
 from __future__ import annotations
 
 import functools
 import logging
+import os
 import warnings
 
 import torch
@@ -49,9 +50,42 @@ def _quantized_tensor(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
         return torch._make_per_channel_quantized_tensor(q, scale.double(), zp, 0)
 
 
+ROW_BLOCK = 64   # output rows per packed block of our int8 matmul (kRows in infer/csrc/int8_matvec.cpp)
+
+
+def pack_rows(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """int8 q (N, K) and scales (N,) -> one int8 buffer for our int8 matmul: the weights as (Np/64, Kp/4, 64, 4)
+    (N padded with zero rows to a multiple of 64, K to a multiple of 4; in each block of 64 rows, 4 consecutive k
+    of a row are one 32-bit lane, vpdpbusd's operand), then the scales (Np fp32), then the row sums (Np int32)."""
+    N, K = q.shape
+    Np, Kp = -(-N // ROW_BLOCK) * ROW_BLOCK, -(-K // 4) * 4
+    qp = torch.zeros(Np, Kp, dtype=torch.int8)
+    qp[:N, :K] = q
+    packed = qp.view(Np // ROW_BLOCK, ROW_BLOCK, Kp // 4, 4).permute(0, 2, 1, 3).contiguous()  # (Np/64, Kp/4, 64, 4)
+    sp = torch.zeros(Np)
+    sp[:N] = scale
+    return torch.cat([packed.flatten(), sp.view(torch.int8), qp.sum(dim=1, dtype=torch.int32).view(torch.int8)])
+
+
+KERNEL_CHOICES = ("auto", *int8_op.ISAS, "fbgemm")
+
+
 @functools.lru_cache(maxsize=None)
 def cpu_int8_backend() -> str:
-    """'fbgemm', 'int8pack' or 'dequant': the fastest int8 linear this PyTorch build supports on CPU."""
+    """The fastest int8 linear here: 'avx512_vnni' or 'avx2' (ours), else 'fbgemm', 'int8pack' or 'dequant'.
+    FURNACE_INT8_KERNEL (auto | avx512_vnni | avx2 | fbgemm) forces one."""
+    forced = os.environ.get("FURNACE_INT8_KERNEL", "auto") or "auto"
+    if forced not in KERNEL_CHOICES:
+        raise FurnaceError(f"FURNACE_INT8_KERNEL={forced}: expected one of {', '.join(KERNEL_CHOICES)}")
+    isas = int8_op.native_isas()
+    if forced in int8_op.ISAS and forced not in isas:
+        raise FurnaceError(f"FURNACE_INT8_KERNEL={forced}: this CPU or build runs only "
+                           f"{', '.join(isas) or 'none of our kernels'}; unset it or pick fbgemm")
+    if forced == "auto" and isas or forced in isas:
+        isa = forced if forced in isas else isas[0]
+        log.info(f"int8: our int8 matmul, {isa} kernel (per-row int8 activations)"
+                 + (" (FURNACE_INT8_KERNEL)" if forced != "auto" else ""))
+        return isa
     try:
         w = torch.randn(8, 16)
         q, s = quantize_rows(w)
@@ -98,7 +132,13 @@ class Int8Linear(nn.Module):
         self.register_buffer("qweight", q.to(device))                       # (N, K) int8
         self.register_buffer("scale", scale.to(device))                     # (N,) fp32
         self._packed, self._key, self._op = None, None, None
-        if self.backend == "fbgemm":
+        if self.backend in int8_op.ISAS:
+            if self.backend not in int8_op.native_isas():              # also builds and loads the operators
+                raise ValueError(f"Int8Linear: backend {self.backend!r} does not run here ({int8_op.native_isas()})")
+            # A frozen Parameter, not a buffer: a compiled decode step keeps a tensor-match guard on every buffer
+            # it reads, even with guard evaluation skipped (infer.decode): ~9% of a 26m token with buffers.
+            self.packed = nn.Parameter(pack_rows(q, scale).to(device), requires_grad=False)   # (Np * (Kp + 8),) int8
+        elif self.backend == "fbgemm":
             self._packed = torch.ops.quantized.linear_prepack(_quantized_tensor(q, scale), None)
             self._key, self._op = int8_op.hold(self._packed), int8_op.linear_op()  # see infer/int8_op.py
 
@@ -110,6 +150,8 @@ class Int8Linear(nn.Module):
                 pass
 
     def __reduce_ex__(self, protocol):
+        if self._key is None:                                               # plain tensors: copies as usual
+            return super().__reduce_ex__(protocol)
         # A copy would share (and on deletion release) this module's slot: copy.copy, deepcopy and pickle refuse.
         raise TypeError("Int8Linear holds its FBGEMM weights in a slot and cannot be copied or pickled: copy or "
                         "save the float model, then quantize again")
@@ -117,7 +159,9 @@ class Int8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, self.in_features)                                # (M, K)
-        if self.backend == "fbgemm":
+        if self.backend in int8_op.ISAS:
+            y = int8_op.matmul(x2.float(), self.packed, self.out_features, self.backend)   # (M, N) fp32
+        elif self.backend == "fbgemm":
             y = self._op(x2.float(), self._key, self.out_features)           # (M, N) fp32
         elif self.backend == "int8pack":
             y = torch._weight_int8pack_mm(x2.to(torch.bfloat16), self.qweight,

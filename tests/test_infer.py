@@ -5,11 +5,12 @@ import pytest
 import torch
 
 from data import train_bpe
-from infer import ChatSession, SamplingParams, StreamDecoder, filter_logits, generate, next_token, quantize
+from infer import ChatSession, SamplingParams, StreamDecoder, filter_logits, generate, int8_op, next_token, quantize
 from infer.quant import Int8Linear, quantize_rows
 from infer.sampling import apply_repetition_penalty, check_sampling
 from model import GPT, FurnaceError, GPTConfig
 
+INT8_KERNELS = (*int8_op.native_isas(), "fbgemm")   # every int8 matmul path this CPU runs (ours, then FBGEMM)
 CORPUS = ("the cat sat on the mat. one two three four five six seven. the dog ran to the park. "
           "red green blue yellow. a b c d e f g. the sun is hot. monday tuesday wednesday thursday. x y z.\n")
 
@@ -168,13 +169,17 @@ def test_int8_linear_matches_dequantized_reference():
     deq = q.float() * s[:, None]
     assert (deq - w).abs().max() <= s.max() / 2 + 1e-7                 # rounding error <= half a step
     ref = x @ deq.T
-    y = Int8Linear(w)(x)
-    # The CPU kernel also quantizes activations (to uint8, per call): error small relative to |y|.
-    assert ((y - ref).norm() / ref.norm()).item() < 0.02
+    # The CPU kernels also quantize activations (ours to int8 per row, FBGEMM to uint8 per call): error small
+    # relative to |y|.
+    for kernel in INT8_KERNELS:
+        y = Int8Linear(w, backend=kernel)(x)
+        assert ((y - ref).norm() / ref.norm()).item() < 0.02, kernel
     assert ((Int8Linear(w, backend="dequant")(x) - ref).abs().max()).item() < 1e-5
 
 
-def test_int8_and_bf16_keep_the_trained_models_greedy_continuation(trained):
+@pytest.mark.parametrize("kernel", INT8_KERNELS)
+def test_int8_and_bf16_keep_the_trained_models_greedy_continuation(trained, kernel, monkeypatch):
+    monkeypatch.setattr("infer.quant.cpu_int8_backend", lambda: kernel)   # what FURNACE_INT8_KERNEL forces
     model, tok = trained
     ids = torch.tensor([tok.encode(CORPUS * 2)[:120]])
     with torch.no_grad():
@@ -191,7 +196,8 @@ def test_int8_and_bf16_keep_the_trained_models_greedy_continuation(trained):
         same = sum(a == b for a, b in zip(cont, greedy)) / len(greedy)
         print(f"{mode}: teacher-forced agreement {agree:.3f}, greedy continuation agreement {same:.3f}")
         assert agree >= min_agree and same >= 0.9, (mode, agree, same)
-    assert isinstance(quantize(copy.deepcopy(model), "int8").lm_head, Int8Linear)
+    lm_head = quantize(copy.deepcopy(model), "int8").lm_head
+    assert isinstance(lm_head, Int8Linear) and lm_head.backend == kernel
     with pytest.raises(FurnaceError, match="--dtype"):
         quantize(model, "int4")
 

@@ -1,4 +1,5 @@
-"""The int8 operator (C++ and Python backends) and the compiled CPU decode step (infer.decode)."""
+"""The int8 operators (our int8 matmul on each instruction set; FBGEMM's linear, C++ and Python) and the compiled
+CPU decode step (infer.decode)."""
 import copy
 import logging
 import os
@@ -11,17 +12,88 @@ import torch
 
 from infer import generate, int8_op, quantize
 from infer.decode import Decoder, eager_last_logits, wants_compile
-from infer.quant import Int8Linear, quantize_rows
+from infer.quant import Int8Linear, pack_rows, quantize_rows
 from test_infer import random_model  # tests/ is on sys.path under pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
+ISAS = int8_op.native_isas()
+
+
+def int8_matmul_ref(x, q, s):
+    """The spec of our int8 matmul in PyTorch: each row of x to int8 with its own symmetric scale (round half to
+    even), exact integer dot products (int64), then the same fp32 epilogue float(acc) * (s_x * s_w)."""
+    amax = x.abs().amax(dim=1, keepdim=True)                            # (M, 1)
+    inv = torch.where(amax > 0, 127.0 / amax, torch.zeros_like(amax))
+    xq = torch.round(x * inv).clamp(-127, 127).long()                   # (M, K)
+    acc = (xq[:, None, :] * q.long()[None, :, :]).sum(-1)               # (M, N) exact
+    return acc.float() * ((amax / 127.0) * s[None, :])
+
+
+def test_this_machine_runs_both_of_our_kernels():
+    # The dev machine (AVX-512 VNNI) must exercise both paths; a CI machine may list fewer.
+    assert int8_op.backend() == "cpp" and ISAS == ("avx512_vnni", "avx2")
+
+
+def test_pack_rows_layout():
+    q = torch.randint(-127, 128, (70, 10), dtype=torch.int8)
+    s = torch.rand(70)
+    buf = pack_rows(q, s)
+    assert buf.shape == (128 * 12 + 128 * 8,)                           # N 70 -> 128 rows, K 10 -> 12
+    packed = buf[:128 * 12].view(2, 3, 64, 4)
+    ps, rs = buf[128 * 12:128 * 16].view(torch.float32), buf[128 * 16:].view(torch.int32)
+    for b, kq, r, j in [(0, 0, 0, 0), (0, 2, 5, 1), (1, 1, 5, 3), (1, 2, 63, 3)]:
+        n, k = 64 * b + r, 4 * kq + j
+        assert packed[b, kq, r, j] == (q[n, k] if n < 70 and k < 10 else 0)
+    assert torch.equal(ps[:70], s) and not ps[70:].any()
+    assert torch.equal(rs[:70], q.sum(1, dtype=torch.int32)) and not rs[70:].any()
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("M,N,K", [(1, 64, 64), (1, 129, 770), (5, 37, 53), (6, 200, 130), (9, 64, 4), (2, 1, 3)])
+def test_our_int8_matmul_matches_the_integer_reference(isa, M, N, K):
+    g = torch.Generator().manual_seed(M * 1000 + N + K)
+    w, x = torch.randn(N, K, generator=g), torch.randn(M, K, generator=g) * 3
+    x[0, : K // 2] = 0                                                  # a ragged row
+    if M > 2:
+        x[2] = 0                                                        # an all-zero row: scale 0, output 0
+    lin = Int8Linear(w, backend=isa)
+    y = lin(x)
+    q, s = quantize_rows(w)
+    ref = int8_matmul_ref(x, q, s)
+    # Integer accumulation is exact and the epilogue is the same fp32 expression: equal up to the last bit.
+    torch.testing.assert_close(y, ref, rtol=2e-7, atol=0)
+    if M > 2:
+        assert not y[2].any()
+    assert (y - x @ w.T).abs().max() > 1e-3                             # really int8, not the float weights
+    assert torch.equal(lin(x[1:2]), y[1:2])                             # each row alone = in a batch
+
+
+def test_int8_kernel_switch(tmp_path):
+    """FURNACE_INT8_KERNEL forces a path (the fallback included) for every Int8Linear of the process."""
+    torch.manual_seed(3)
+    w, x = torch.randn(96, 80), torch.randn(2, 80)
+    torch.save({"w": w, "x": x}, tmp_path / "wx.pt")
+    code = ("import sys, torch; sys.path.insert(0, sys.argv[1]); from infer.quant import Int8Linear; "
+            "d = torch.load(sys.argv[2]); lin = Int8Linear(d['w']); print(lin.backend); "
+            "torch.save(lin(d['x']), sys.argv[3])")
+    for kernel in (*ISAS, "fbgemm"):
+        env = {**os.environ, "FURNACE_INT8_KERNEL": kernel}
+        r = subprocess.run([sys.executable, "-c", code, str(ROOT), str(tmp_path / "wx.pt"), str(tmp_path / "y.pt")],
+                           env=env, capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0 and r.stdout.split() == [kernel], r.stderr
+        assert torch.equal(torch.load(tmp_path / "y.pt"), Int8Linear(w, backend=kernel)(x))
+    r = subprocess.run([sys.executable, "-c", code, str(ROOT), str(tmp_path / "wx.pt"), str(tmp_path / "y.pt")],
+                       env={**os.environ, "FURNACE_INT8_KERNEL": "avx9"}, capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0 and "FURNACE_INT8_KERNEL=avx9: expected one of auto, avx512_vnni, avx2, fbgemm" in r.stderr
+
+
 def test_int8_operator_matches_fbgemm_and_dequantized_reference():
     torch.manual_seed(0)
     w = torch.randn(37, 53)                                             # odd shapes
-    lin = Int8Linear(w)
-    assert lin.backend == "fbgemm" and int8_op.backend() == "cpp"       # this machine has a compiler
+    lin = Int8Linear(w, backend="fbgemm")
+    assert int8_op.backend() == "cpp"                                    # this machine has a compiler
     x = torch.randn(5, 53)
     y = lin(x)
     # Same kernel as calling FBGEMM on the packed object directly: bit-identical.
@@ -40,13 +112,13 @@ def test_int8_operator_matches_fbgemm_and_dequantized_reference():
 
 
 def test_released_slot_errors_and_is_reused():
-    lin = Int8Linear(torch.randn(8, 16))
+    lin = Int8Linear(torch.randn(8, 16), backend="fbgemm")
     key = lin._key
     int8_op.release(key)
     with pytest.raises(RuntimeError, match="released"):
         int8_op.linear_op()(torch.randn(1, 16), key, 8)
     lin._key = None                                                      # already released
-    other = Int8Linear(torch.randn(8, 16))
+    other = Int8Linear(torch.randn(8, 16), backend="fbgemm")
     assert other._key == key                                             # the freed slot is taken again
     for copy_fn in (copy.copy, copy.deepcopy):                           # a copy would share the slot
         with pytest.raises(TypeError, match="cannot be copied"):
@@ -59,12 +131,13 @@ def test_python_operator_fallback_gives_the_same_numbers(tmp_path):
     torch.save({"w": w, "x": x}, tmp_path / "wx.pt")
     code = ("import sys, torch; sys.path.insert(0, sys.argv[1]); from infer import int8_op; "
             "from infer.quant import Int8Linear; d = torch.load(sys.argv[2]); "
-            "y = Int8Linear(d['w'])(d['x']); assert int8_op.backend() == 'python'; torch.save(y, sys.argv[3])")
+            "lin = Int8Linear(d['w']); assert int8_op.backend() == 'python' and lin.backend == 'fbgemm'; "
+            "torch.save(lin(d['x']), sys.argv[3])")
     env = {**os.environ, "FURNACE_NO_CPP_OPS": "1"}
     r = subprocess.run([sys.executable, "-c", code, str(ROOT), str(tmp_path / "wx.pt"), str(tmp_path / "y.pt")],
                        env=env, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
-    assert torch.equal(torch.load(tmp_path / "y.pt"), Int8Linear(w)(x))
+    assert torch.equal(torch.load(tmp_path / "y.pt"), Int8Linear(w, backend="fbgemm")(x))
 
 
 @pytest.mark.parametrize("mode", ["int8", "fp32"])
