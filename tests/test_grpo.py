@@ -125,6 +125,39 @@ def test_rewards_builtin_and_errors_name_the_function():
         score([("nan", lambda p, c, a: float("nan"), 1.0)], ["p"], ["c"], ["a"])
 
 
+def test_default_sft_data_teaches_the_grpo_format_on_training_problems_only(tmp_path, monkeypatch, tok):
+    """The default SFT file holds ARITH_SFT arithmetic conversations: prompts from the GRPO task's training
+    problems (none of its held-out ones), and replies that, tokenized by the SFT template and decoded as GRPO
+    decodes a completion, get full marks from the real default rewards."""
+    import inspect
+
+    from sft import defaults
+    from sft.formats import sft_messages
+    from sft.rewards import DEFAULT_REWARDS, arithmetic_conversations
+    monkeypatch.setattr(defaults, "stdlib_functions",             # a few real functions instead of the whole stdlib
+                        lambda: defaults.functions_in(Path(inspect.__file__).read_text(), "inspect.py"))
+    defaults.build_default_datasets(tmp_path / "sft", tmp_path / "dpo")
+    msgs = [sft_messages(json.loads(ln)) for ln in (tmp_path / "sft" / "train.jsonl").read_text().splitlines()]
+    arith = [m for m in msgs if m[0]["content"].startswith("What is ")]
+    assert len(arith) == defaults.ARITH_SFT == 400 and len(msgs) > len(arith)          # the stdlib part stays
+    assert arith == [sft_messages({"conversations": c}) for c in arithmetic_conversations(400, defaults.ARITH_SEED)]
+    train, val = arithmetic_problems()
+    prompts = {m[0]["content"] for m in arith}
+    assert prompts <= {r["prompt"] for r in train} and not prompts & {r["prompt"] for r in val}
+    assert len(prompts) > 50                                                  # most of the 64 training problems
+    tiny_model(tok)                                                           # the chat tokens
+    texts, answers = [], []
+    for m in arith:
+        ids, labels = build_sft_example(tok, m, 64)
+        start = next(i for i, lb in enumerate(labels) if lb != IGNORE)        # the reply follows GRPO's prompt
+        assert ids[:start] == encode_chat(tok, m[:1], add_generation_prompt=True)
+        texts.append(tok.decode([t for t, lb in zip(ids, labels) if lb != IGNORE and t not in stop_ids(tok)]))
+        a, op, b = m[0]["content"][8:-1].split()                              # "What is 7 - 5?" -> 7, -, 5
+        answers.append(str(int(a) + int(b) if op == "+" else int(a) - int(b)))
+    assert texts[0].startswith("<think>")
+    assert score(parse_rewards(DEFAULT_REWARDS), [m[0]["content"] for m in arith], texts, answers) == [[1.0, 1.0]] * 400
+
+
 # ---- a tiny model on the default task -----------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def tok():
