@@ -27,6 +27,7 @@ from train.options import TrainOptions
 from train.task import LMTask
 from train.trainer import Trainer
 from kernels.common import FurnaceError
+from grpo_rewards import length
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -202,7 +203,8 @@ def test_batched_sampling_equals_one_at_a_time(tok):
 
 def test_ratio_one_and_kl_zero_at_first_update_then_old_logps_kept(tok):
     model = tiny_model(tok)
-    task = make_task(tok, model, arithmetic_problems()[0], mu=2)
+    task = make_task(tok, model, arithmetic_problems()[0], mu=2, rewards="answer:1,format:0.5")
+    task.rewards.append(("length", length, 1.0))                          # random weights: rewards that differ
     opt = torch.optim.SGD(model.parameters(), lr=0.5)
     ld = task.train_loader
     b0 = ld.next_batch()
@@ -320,7 +322,7 @@ def test_resume_after_sigkill_mid_iterations_reproduces_every_step(tmp_path, ini
     uninterrupted run's. The default task (no --data) is used."""
     common = ["--init", str(init_ckpt), "--batch-size", "2", "--num-generations", "4", "--max-new-tokens", "6",
               "--seq-len", "64", "--max-steps", "6", "--num-iterations", "2", "--save-every", "3", "--log-every", "1",
-              "--lr", "3e-3"]
+              "--lr", "3e-3", "--reward", "answer,format:0.5,tests.grpo_rewards.length"]   # length: rewards differ
 
     def steps(d):
         return {r["step"]: (r["loss"], r["reward"], r.get("kl"), r["ratio"])
