@@ -3,6 +3,9 @@
 SFT: each public, undecorated top-level function with a docstring becomes
     user:      Write a Python function `name(args)` that <first docstring line, first letter lowered>
     assistant: the function's source
+    plus ARITH_SFT conversations of GRPO's default arithmetic task (sft/rewards.py: its training problems only,
+    drawn with their own seed), replies in the `<think>` format with the answer, so the SFT'd chat model
+    knows the format and is sometimes right, which the default GRPO run then improves
 DPO: the same prompt; chosen = that function's source; rejected = a mismatched function (another function's
 source, even pairs) or a corrupted one (the same def and docstring with the body's lines in reverse order,
 odd pairs). Validation examples and held-out pairs come from functions that no training example uses.
@@ -21,13 +24,15 @@ from pathlib import Path
 
 from data.sources import default_corpus_files
 from model.fileio import atomic_write
+from sft.rewards import arithmetic_conversations
 
 log = logging.getLogger("furnace")
 
-DEFAULT_SFT_DIR = Path("runs") / "data" / "stdlib-sft"   # relative to the working directory, like the corpus
+DEFAULT_SFT_DIR = Path("runs") / "data" / "stdlib-arith-sft"   # relative to the working directory, like the corpus
 DEFAULT_DPO_DIR = Path("runs") / "data" / "stdlib-dpo"
 MAX_SOURCE_CHARS = 1200     # longer functions are left out (the tiny CPU model has a 512-token context)
 SFT_TRAIN, SFT_VAL = 500, 64
+ARITH_SFT, ARITH_SEED = 400, 4321     # arithmetic conversations in the SFT training file (GRPO's prompts use 1234)
 DPO_TRAIN, DPO_VAL = 192, 64
 SEED = 1234
 
@@ -114,12 +119,13 @@ def build_default_datasets(sft_dir: Path = DEFAULT_SFT_DIR, dpo_dir: Path = DEFA
     n_val = min(SFT_VAL + DPO_VAL, len(funcs) // 4)
     val, train = funcs[:n_val], funcs[n_val:n_val + SFT_TRAIN]
     sft_val, dpo_val_funcs = val[:n_val // 2], val[n_val // 2:]
-    _write_jsonl(files[0], [{"conversations": _conv(fn)} for fn in train])
+    arith = [{"conversations": c} for c in arithmetic_conversations(ARITH_SFT, ARITH_SEED)]
+    _write_jsonl(files[0], [{"conversations": _conv(fn)} for fn in train] + arith)
     _write_jsonl(files[1], [{"conversations": _conv(fn)} for fn in sft_val])
     _write_jsonl(files[2], _pairs(train[:DPO_TRAIN], train))
     _write_jsonl(files[3], _pairs(dpo_val_funcs, dpo_val_funcs))
-    log.info(f"default datasets: {len(funcs)} stdlib functions qualify -> SFT {len(train)} train / {len(sft_val)} val "
-             f"in {sft_dir}, DPO {min(DPO_TRAIN, len(train))} train / {len(dpo_val_funcs)} held-out pairs in {dpo_dir}")
+    log.info(f"default datasets: {len(funcs)} stdlib functions qualify -> SFT {len(train)} (+ {len(arith)} arithmetic) "
+             f"train / {len(sft_val)} val in {sft_dir}, DPO {min(DPO_TRAIN, len(train))} train / {len(dpo_val_funcs)} held-out pairs in {dpo_dir}")
 
 
 def _pairs(funcs: list[Func], pool: list[Func]) -> list[dict]:

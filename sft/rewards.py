@@ -105,19 +105,42 @@ def score(rewards: list[tuple[str, Reward, float]], prompts: list[str], completi
 
 
 # ---- the offline default task: small arithmetic with single-digit answers --------------------------------
-def arithmetic_problems(n_train: int = 512, n_val: int = 64, seed: int = 1234) -> tuple[list[dict], list[dict]]:
-    """Records {"prompt", "answer"}: "What is a + b?" (a + b < 10) or "What is a - b?" (a >= b), a, b in 0..9,
-    so every answer is one digit. 20 of the 100 (a, b) pairs are held out for validation."""
+ARITH_SEED = 1234   # fixes which 16 of the 80 distinct problems are held out
+
+
+def arithmetic_record(a: int, b: int) -> dict:
+    """{"prompt", "answer"}: "What is a + b?" when a + b < 10, else "What is max - min?"; one-digit answer."""
+    if a + b < 10:
+        return {"prompt": f"What is {a} + {b}?", "answer": str(a + b)}
+    a, b = max(a, b), min(a, b)
+    return {"prompt": f"What is {a} - {b}?", "answer": str(a - b)}
+
+
+def _split_problems(seed: int):
+    """The 80 distinct problems of a, b in 0..9 (55 sums, 25 differences), shuffled: (held out 16, train 64, rng)."""
     rng = random.Random(seed)
-    pairs = [(a, b) for a in range(10) for b in range(10)]
-    rng.shuffle(pairs)
-    val_pairs, train_pairs = pairs[:20], pairs[20:]
+    probs = sorted({tuple(arithmetic_record(a, b).values()) for a in range(10) for b in range(10)})
+    rng.shuffle(probs)
+    return probs[:16], probs[16:], rng
 
-    def rec(a, b):
-        if a + b < 10:
-            return {"prompt": f"What is {a} + {b}?", "answer": str(a + b)}
-        a, b = max(a, b), min(a, b)
-        return {"prompt": f"What is {a} - {b}?", "answer": str(a - b)}
 
-    return ([rec(*rng.choice(train_pairs)) for _ in range(n_train)],
-            [rec(*rng.choice(val_pairs)) for _ in range(n_val)])
+def arithmetic_problems(n_train: int = 512, n_val: int = 64, seed: int = ARITH_SEED) -> tuple[list[dict], list[dict]]:
+    """Records {"prompt", "answer"} (arithmetic_record, a, b in 0..9) drawn from a seed; the validation
+    records come from 16 of the 80 distinct problems that the training records never use."""
+    val_probs, train_probs, rng = _split_problems(seed)
+    train = [dict(zip(("prompt", "answer"), rng.choice(train_probs))) for _ in range(n_train)]
+    return train, [dict(zip(("prompt", "answer"), rng.choice(val_probs))) for _ in range(n_val)]
+
+
+def arithmetic_conversations(n: int, seed: int) -> list[list[dict]]:
+    """n SFT conversations on the training problems of arithmetic_problems() (never its held-out ones), drawn
+    with their own seed: user = the GRPO prompt, assistant = reasoning "a + b = c" and content "c", i.e. the
+    `<think>` format and final answer that the format and answer rewards score 1.0."""
+    _, train_probs, _ = _split_problems(ARITH_SEED)
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        prompt, answer = rng.choice(train_probs)
+        out.append([{"role": "user", "content": prompt},
+                    {"role": "assistant", "reasoning": f"{prompt[8:-1]} = {answer}", "content": answer}])
+    return out

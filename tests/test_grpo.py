@@ -27,6 +27,7 @@ from train.options import TrainOptions
 from train.task import LMTask
 from train.trainer import Trainer
 from kernels.common import FurnaceError
+from grpo_rewards import length
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -125,6 +126,39 @@ def test_rewards_builtin_and_errors_name_the_function():
         score([("nan", lambda p, c, a: float("nan"), 1.0)], ["p"], ["c"], ["a"])
 
 
+def test_default_sft_data_teaches_the_grpo_format_on_training_problems_only(tmp_path, monkeypatch, tok):
+    """The default SFT file holds ARITH_SFT arithmetic conversations: prompts from the GRPO task's training
+    problems (none of its held-out ones), and replies that, tokenized by the SFT template and decoded as GRPO
+    decodes a completion, get full marks from the real default rewards."""
+    import inspect
+
+    from sft import defaults
+    from sft.formats import sft_messages
+    from sft.rewards import DEFAULT_REWARDS, arithmetic_conversations
+    monkeypatch.setattr(defaults, "stdlib_functions",             # a few real functions instead of the whole stdlib
+                        lambda: defaults.functions_in(Path(inspect.__file__).read_text(), "inspect.py"))
+    defaults.build_default_datasets(tmp_path / "sft", tmp_path / "dpo")
+    msgs = [sft_messages(json.loads(ln)) for ln in (tmp_path / "sft" / "train.jsonl").read_text().splitlines()]
+    arith = [m for m in msgs if m[0]["content"].startswith("What is ")]
+    assert len(arith) == defaults.ARITH_SFT == 400 and len(msgs) > len(arith)          # the stdlib part stays
+    assert arith == [sft_messages({"conversations": c}) for c in arithmetic_conversations(400, defaults.ARITH_SEED)]
+    train, val = arithmetic_problems()
+    prompts = {m[0]["content"] for m in arith}
+    assert prompts <= {r["prompt"] for r in train} and not prompts & {r["prompt"] for r in val}
+    assert len(prompts) > 50                                                  # most of the 64 training problems
+    tiny_model(tok)                                                           # the chat tokens
+    texts, answers = [], []
+    for m in arith:
+        ids, labels = build_sft_example(tok, m, 64)
+        start = next(i for i, lb in enumerate(labels) if lb != IGNORE)        # the reply follows GRPO's prompt
+        assert ids[:start] == encode_chat(tok, m[:1], add_generation_prompt=True)
+        texts.append(tok.decode([t for t, lb in zip(ids, labels) if lb != IGNORE and t not in stop_ids(tok)]))
+        a, op, b = m[0]["content"][8:-1].split()                              # "What is 7 - 5?" -> 7, -, 5
+        answers.append(str(int(a) + int(b) if op == "+" else int(a) - int(b)))
+    assert texts[0].startswith("<think>")
+    assert score(parse_rewards(DEFAULT_REWARDS), [m[0]["content"] for m in arith], texts, answers) == [[1.0, 1.0]] * 400
+
+
 # ---- a tiny model on the default task -----------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def tok():
@@ -169,7 +203,8 @@ def test_batched_sampling_equals_one_at_a_time(tok):
 
 def test_ratio_one_and_kl_zero_at_first_update_then_old_logps_kept(tok):
     model = tiny_model(tok)
-    task = make_task(tok, model, arithmetic_problems()[0], mu=2)
+    task = make_task(tok, model, arithmetic_problems()[0], mu=2, rewards="answer:1,format:0.5")
+    task.rewards.append(("length", length, 1.0))                          # random weights: rewards that differ
     opt = torch.optim.SGD(model.parameters(), lr=0.5)
     ld = task.train_loader
     b0 = ld.next_batch()
@@ -221,8 +256,8 @@ def sft_briefly(tok, model, steps=40, think=0.5):
 
 
 def test_mean_reward_rises_on_the_default_task(tmp_path, tok):
-    """Measured (seed 0, 2-core CPU): mean reward of the first 5 steps 0.10, of the last 5 steps 0.41 (the
-    format reward 0.09 -> 0.70 over the same steps, the answer reward stays near chance). Asserted: +0.15."""
+    """Measured (seed 0, 2-core CPU): mean reward of the first 5 steps 0.18, of the last 5 steps 0.44 (the
+    format reward 0.15 -> 0.82 over the same steps, the answer reward stays near chance). Asserted: +0.15."""
     model = tiny_model(tok)
     opts, lm = sft_briefly(tok, model)
     (tmp_path / "sft").mkdir()
@@ -287,7 +322,7 @@ def test_resume_after_sigkill_mid_iterations_reproduces_every_step(tmp_path, ini
     uninterrupted run's. The default task (no --data) is used."""
     common = ["--init", str(init_ckpt), "--batch-size", "2", "--num-generations", "4", "--max-new-tokens", "6",
               "--seq-len", "64", "--max-steps", "6", "--num-iterations", "2", "--save-every", "3", "--log-every", "1",
-              "--lr", "3e-3"]
+              "--lr", "3e-3", "--reward", "answer,format:0.5,tests.grpo_rewards.length"]   # length: rewards differ
 
     def steps(d):
         return {r["step"]: (r["loss"], r["reward"], r.get("kl"), r["ratio"])
