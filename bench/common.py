@@ -1,9 +1,27 @@
 """What the benchmark commands share (a library module, not a command): one measurement in a fresh worker
-process, and the end of a report."""
+process, the end of a report, and a process's memory as Linux counts it."""
 import json
 import os
+import resource
 import subprocess
 import sys
+
+
+def rss_bytes() -> int:
+    """This process's resident set now."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def peak_rss_bytes() -> int:
+    """This process's own peak resident set (VmHWM). Not ru_maxrss: Linux carries the high-water mark of the image
+    a process was exec'd from (a fork, or a vfork sharing the parent's memory) into it, so a worker started by a
+    large parent (a pytest run, a benchmark holding a model) would report the parent's peak as its own."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(ln.split()[1]) for ln in f if ln.startswith("VmHWM:")) * 1024  # kB
+    except (OSError, StopIteration):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
 
 
 def run_worker(argv: list[str], label: str, timeout: float | None = None) -> tuple[dict | None, str]:

@@ -4,7 +4,7 @@
     python bench/distill_memory.py                     # N=8192 tokens, V=49152, student d 256, teacher d 512
     python bench/distill_memory.py --n 2048 --json out.json
 "Extra" = the process's peak memory during forward + backward minus its peak once the inputs exist: on a GPU
-torch.cuda.max_memory_allocated, on a CPU the resident-set high-water mark (ru_maxrss; large tensors are
+torch.cuda.max_memory_allocated, on a CPU the resident-set high-water mark (VmHWM; large tensors are
 mmap'd and returned, so the mark is the true peak). The last stdout line is one JSON document.
 """
 import sys
@@ -16,12 +16,11 @@ if __package__ in (None, ""):  # run as a file: put the repo root on sys.path
 import argparse  # noqa: E402
 import json  # noqa: E402
 
-from bench.common import finish_report, run_worker  # noqa: E402
+from bench.common import finish_report, peak_rss_bytes, run_worker  # noqa: E402
 from kernels.common import run_cli  # noqa: E402
 
 
 def measure(impl: str, n: int, v: int, d: int, dt: int, device: str) -> dict:
-    import resource
     import time
 
     import torch
@@ -39,7 +38,7 @@ def measure(impl: str, n: int, v: int, d: int, dt: int, device: str) -> dict:
         if dev.type == "cuda":
             torch.cuda.synchronize()
             return torch.cuda.max_memory_allocated(dev)
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        return peak_rss_bytes()
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
     base = peak()

@@ -211,7 +211,7 @@ def markdown(rep: dict) -> str:
     e = rep["environment"]
     lines = [f"# GPU check {e['date_utc']}{' (dry run: CPU, tiny shapes, interpreter)' if e['dry_run'] else ''}", "",
              f"- device: {e['device']}; driver {e['driver']}; CUDA {e['cuda']}",
-             f"- versions: " + ", ".join(f"{k} {v}" for k, v in e["versions"].items() if v),
+             "- versions: " + ", ".join(f"{k} {v}" for k, v in e["versions"].items() if v),
              f"- commit: {e['git_commit']}{' (uncommitted changes)' if e['git_dirty'] else ''}",
              f"- total: {rep['elapsed_s']} s", "", "| stage | status | s | budget s | detail |", "|---|---|---|---|---|"]
     for s in rep["stages"]:

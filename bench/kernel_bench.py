@@ -33,6 +33,7 @@ from kernels.rms_norm import rms_norm_ref  # noqa: E402
 from kernels.rope import apply_rope_ref  # noqa: E402
 from kernels.swiglu import swiglu_ref  # noqa: E402
 from model.config import get_preset  # noqa: E402
+from bench.common import peak_rss_bytes, rss_bytes  # noqa: E402
 from kernels.common import FurnaceError, run_cli  # noqa: E402
 from model.flops import PEAK_GBPS, device_peak_name  # noqa: E402
 
@@ -161,11 +162,6 @@ def run_timings(args, device):
 
 
 # ----------------------------------------------------------------------------- memory (CPU or CUDA)
-def _rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
 def memory_child(path: str, n: int, d: int, v: int) -> None:
     """In a fresh process: peak extra memory of one forward+backward of `path` (fused | materialised),
     fp32, over the memory held once the inputs exist. Prints MiB."""
@@ -180,7 +176,7 @@ def memory_child(path: str, n: int, d: int, v: int) -> None:
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
     else:
-        base = _rss_bytes()
+        base = rss_bytes()
     loss = (fused_linear_cross_entropy_ref(h, w, t) if path == "materialised"
             else kernels.fused_linear_cross_entropy(h, w, t, impl=impl))
     loss.backward()
@@ -188,7 +184,7 @@ def memory_child(path: str, n: int, d: int, v: int) -> None:
         torch.cuda.synchronize()
         peak = torch.cuda.max_memory_allocated()
     else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+        peak = peak_rss_bytes()
     print(json.dumps({"path": path, "extra_mib": round((peak - base) / 2**20, 1), "loss": loss.item(),
                       "device": dev.type}))
 
@@ -256,7 +252,8 @@ def main(argv=None):
         report["memory"] = run_memory(args.memory_shape)
     # this machine's peak memory for the whole run is at most this process's peak plus its largest child's
     # (the memory children run one at a time)
-    own, child = (resource.getrusage(w).ru_maxrss * 1024 for w in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))
+    # (a child's ru_maxrss may include this process's size when it was spawned: an over-estimate, kept as a bound)
+    own, child = peak_rss_bytes(), resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
     report["peak_rss_mib"] = {"self": round(own / 2**20, 1), "largest_child": round(child / 2**20, 1),
                               "bound": round((own + child) / 2**20, 1)}
     print(json.dumps(report))

@@ -4,7 +4,7 @@ checkpoint size, on random weights of a preset's shape. Each row runs in its own
     python bench/lora_memory.py --presets 112m,0.5b --ranks 0,8,16      # rank 0 = full fine-tuning
 Steps: the optimizer of train/optim.py (AdamW, only trainable parameters), batch --batch x --seq-len random
 tokens, fp32, the model's own loss. Peak memory: torch.cuda.max_memory_allocated on a GPU, the process's
-resident high-water mark (ru_maxrss) on a CPU (everything: weights, gradients, optimizer state,
+resident high-water mark (VmHWM) on a CPU (everything: weights, gradients, optimizer state,
 activations, the Python process itself ~0.3 GB). The last stdout line is one JSON document.
 """
 import sys
@@ -15,12 +15,11 @@ if __package__ in (None, ""):  # run as a file: put the repo root on sys.path
 
 import argparse  # noqa: E402
 import json  # noqa: E402
-from bench.common import finish_report, run_worker  # noqa: E402
+from bench.common import finish_report, peak_rss_bytes, run_worker  # noqa: E402
 from kernels.common import run_cli  # noqa: E402
 
 
 def measure(preset: str, rank: int, targets: str, batch: int, seq_len: int, steps: int, device: str) -> dict:
-    import resource
     import tempfile
 
     import torch
@@ -47,7 +46,7 @@ def measure(preset: str, rank: int, targets: str, batch: int, seq_len: int, step
     if dev.type == "cuda":
         peak = torch.cuda.max_memory_allocated(dev)
     else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        peak = peak_rss_bytes()
     state = sum(t.numel() * t.element_size() for s in opt.state.values() for t in s.values() if torch.is_tensor(t))
     with tempfile.TemporaryDirectory() as d:
         save(model, d)

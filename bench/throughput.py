@@ -23,12 +23,11 @@ import importlib.util  # noqa: E402
 import json  # noqa: E402
 import logging  # noqa: E402
 import os  # noqa: E402
-import resource  # noqa: E402
 import shutil  # noqa: E402
 import statistics  # noqa: E402
 import time  # noqa: E402
 
-from bench.common import finish_report, run_worker  # noqa: E402
+from bench.common import finish_report, peak_rss_bytes, rss_bytes, run_worker  # noqa: E402
 from kernels.common import FurnaceError, run_cli  # noqa: E402
 
 log = logging.getLogger("furnace")
@@ -97,15 +96,6 @@ class RandomBatches:
     def next_batch(self):
         self.i += 1
         return self.batches[(self.i - 1) % len(self.batches)]
-
-
-def _rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def _max_rss_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024   # Linux reports KiB
 
 
 def _timed_steps(trainer, steps: int, device) -> tuple[list[float], float, list[dict]]:
@@ -177,7 +167,7 @@ def _measure(spec: dict) -> dict:
         torch.cuda.reset_peak_memory_stats(device)
         mem_base = torch.cuda.memory_allocated(device)
     else:
-        rss_base, max_rss_base = _rss_bytes(), _max_rss_bytes()
+        rss_base, max_rss_base = rss_bytes(), peak_rss_bytes()
 
     model = GPT(cfg).to(device)
     opts = TrainOptions(max_steps=spec["warmup"] + spec["steps"], lr=LR, min_lr=LR, schedule="constant", warmup=1,
@@ -211,8 +201,8 @@ def _measure(spec: dict) -> dict:
     if cuda:
         res["peak_mem_bytes"] = torch.cuda.max_memory_allocated(device) - mem_base
         res["peak_mem_kind"] = "torch.cuda.max_memory_allocated (model, optimizer state, activations, workspace)"
-    elif _max_rss_bytes() > max_rss_base:
-        res["peak_mem_bytes"] = _max_rss_bytes() - rss_base
+    elif peak_rss_bytes() > max_rss_base:
+        res["peak_mem_bytes"] = peak_rss_bytes() - rss_base
         res["peak_mem_kind"] = ("CPU: peak RSS of the row's process minus its RSS just before the model was built "
                                 "(model, optimizer state, activations, compile workspace)")
     else:

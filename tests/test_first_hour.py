@@ -69,6 +69,21 @@ def test_kernel_bench_default_peak_memory_is_under_2_gb():
         [sys.executable, str(ROOT / "bench/kernel_bench.py"), "--help"], capture_output=True, text=True).stdout
 
 
+def test_a_workers_peak_memory_is_its_own_not_its_parents():
+    """bench.common.peak_rss_bytes in a worker started by a parent holding 800 MB: Linux's ru_maxrss carries the
+    parent's high-water mark into the exec'd child (this failed CI once: kernel_bench under pytest reported
+    pytest's 946 MB as its own); VmHWM is the worker's own peak."""
+    hold = bytearray(800 * 2**20)
+    hold[::4096] = b"\x01" * len(hold[::4096])                  # touch every page: resident
+    code = ("import resource, json; from bench.common import peak_rss_bytes; "
+            "print(json.dumps([peak_rss_bytes() / 2**20, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024]))")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
+    own, inherited = json.loads(p.stdout)
+    del hold
+    assert inherited > 800                                     # the trap is real on this kernel
+    assert own < 200, own                                      # a bare interpreter + bench.common
+
+
 def test_a_pretraining_run_as_a_newcomer_sees_it(tmp_path, small_data):
     """Defaults: validation at the start and the end (automatic cadence) with a sample of a fixed prompt each
     time (samples.jsonl), a short summary on stderr and nothing on stdout, summary.json, loss.png; every
