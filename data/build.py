@@ -21,6 +21,7 @@ import math
 import multiprocessing as mp
 import os
 import shutil
+import sys
 import time
 from collections import deque
 from pathlib import Path
@@ -312,7 +313,8 @@ def _prepare(out_dir, sources=None, tokenizer: str = "train:4096", text_field: s
     writers = {s: SplitWriter(staging, s, dtype, shard_tokens, tok.sha256) for s in ("train", "val")}
     stats = SourceStats()
     t0 = time.time()
-    bar = tqdm(total=max_tokens, unit="tok", unit_scale=True, desc="prepare", disable=not progress, mininterval=1.0)
+    bar = tqdm(total=max_tokens, unit="tok", unit_scale=True, desc="prepare", mininterval=1.0,
+               disable=not (progress and sys.stderr.isatty()))  # a bar on a terminal; never \r lines in a log file
     try:
         if raw_uint16:
             _write_raw(sources, writers, tok.eos_id, tok.vocab_size, val_fraction, max_tokens, bar)

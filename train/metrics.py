@@ -140,7 +140,8 @@ def summary_lines(s: dict) -> list[str]:
     if s.get("checkpoint"):
         lines.append(f"  checkpoint: {s['checkpoint']}")
     if s.get("plot"):
-        lines.append(f"  plots: {s['plot']} (loss, learning rate, throughput)")
+        dpo = ", reward accuracy and margin" if "val_reward_acc" in s else ""
+        lines.append(f"  plots: {s['plot']} (loss{dpo}, learning rate, throughput)")
     lines.append(f"  record: {s.get('record')} (this summary), metrics.jsonl (every step)")
     return lines
 
