@@ -57,8 +57,10 @@ class Decoder:
 
     def __init__(self, model: GPT):
         self.model = model
-        self.step = None             # the compiled step, once compile() succeeded
+        self.step = None             # the compiled step, once compile() succeeded: called with a flat argument list
         self._signature = None       # the warm-up cache's layout: what the step was built for
+        self._sources = None         # the step's inputs, as dynamo names them ("L['model']._modules[...]", ...)
+        self._bound = None           # (cache, argument list) of the last cache the step ran on
 
     def compile(self) -> bool:
         """Compile the one-token decode step now, on a scratch cache, so failures show here. Returns True
@@ -70,35 +72,63 @@ class Decoder:
             return False
         log.info("decode: compiling the one-token step (first time up to ~45 s on 2 cores; cached on disk after)")
         t0 = time.perf_counter()
+        graphs = []
+
+        def backend(gm, example_inputs):
+            """inductor (C++ wrapper), keeping the compiled graph and where dynamo took each of its inputs from."""
+            from torch._inductor import config
+            from torch._inductor.compile_fx import compile_fx
+            with config.patch(cpp_wrapper=True):
+                fn = compile_fx(gm, example_inputs)
+            # Per input: where dynamo read it, and the dtype of a tensor it passes (a float such as norm_eps comes
+            # in as a 0-d float64 tensor).
+            places = [n.meta["grapharg"].source.name for n in gm.graph.nodes if n.op == "placeholder"]
+            graphs.append((fn, [(src, getattr(e, "dtype", None)) for src, e in zip(places, example_inputs)]))
+            return fn
+
         # Dynamo keeps compiled graphs per code object: give each decoder a copy of _step's code, so models in one
         # process (bench/generate.py compiles six) never check each other's guards or share a recompile limit.
         fn = types.FunctionType(_step.__code__.replace(), _step.__globals__, "decode_step")
-        step = torch.compile(fn, dynamic=True, options={"cpp_wrapper": True})
+        step = torch.compile(fn, dynamic=True, backend=backend)
         try:
             with torch.inference_mode():
-                # Positions 2 and 3: position 0 (Tq == Tk, a different attention branch) never reaches the step,
-                # since a prompt always fills the cache first, and 0 / 1 are values dynamo specialises. The second
-                # call must reuse the first graph: one cache entry, so skipping guards later (last_logits) is sound.
+                # Position 2: position 0 (Tq == Tk, a different attention branch) never reaches the step, since a
+                # prompt always fills the cache first, and 0 / 1 are values dynamo specialises.
                 cache = model.new_cache(1)
                 x = torch.zeros(1, 1, dtype=torch.long, device=device)
                 step(model, x, cache, 2)
-                with torch.compiler.set_stance("fail_on_recompile"):
-                    step(model, x, cache, 3)
+                if len(graphs) != 1 or [src for src, _ in graphs[0][1][:2]] != ["L['pos']", "L['x']"]:
+                    raise RuntimeError(f"the step became {len(graphs)} graphs, or not one with inputs (pos, x, ...)")
+                self.step, self._sources = graphs[0]
+                self._signature = _cache_signature(cache)
+                # Position 3, called directly and through dynamo (the same graph: one cache entry), must agree.
+                cache.pos = 3
+                direct = self.last_logits(x, cache)
+                if cache.pos != 4 or not torch.equal(direct, step(model, x, cache, 3)) or len(graphs) != 1:
+                    raise RuntimeError("calling the compiled graph directly does not give what dynamo's call gives")
         except Exception as e:  # noqa: BLE001 - any compile failure falls back to eager
             first = (str(e).strip().splitlines() or [""])[0][:160]
             log.warning(f"decode: eager (compiling the decode step failed: {type(e).__name__}: {first})")
-            self.step = None
+            self.step = self._bound = None
             return False
-        self.step, self._signature = step, _cache_signature(cache)
         log.info(f"decode: compiled in {time.perf_counter() - t0:.1f} s")
         return True
 
     def last_logits(self, x: torch.Tensor, cache: KVCache | None) -> torch.Tensor:
         if self.step is not None and cache is not None and x.shape == (1, 1) and self._fits(x, cache):
-            # Dynamo's guards on every parameter and cache tensor cost ~0.35 ms per token on 112m (6%); _fits
-            # checks what they protect for the one graph this step holds, so they are skipped.
-            with torch.compiler.set_stance(skip_guard_eval_unsafe=True):
-                return self.step(self.model, x, cache, cache.pos)
+            # The compiled graph is called directly, not through dynamo's frame: that would fetch each of its ~70-150
+            # weights from the module tree and evaluate guards on every token (~0.4 ms of a 1.3 ms 26m token).
+            # The argument list is built once per cache (weights, cache tensors, their sizes); each call sets
+            # the token and the position. _fits checks what dynamo's guards would for this one graph.
+            if self._bound is None or self._bound[0] is not cache:
+                scope = {"L": {"model": self.model, "cache": cache, "x": x, "pos": cache.pos}}
+                values = [(eval(src, scope), dtype) for src, dtype in self._sources]   # noqa: S307 - dynamo's names
+                self._bound = cache, [torch.tensor(v, dtype=dtype) if dtype is not None and not torch.is_tensor(v)
+                                      else v for v, dtype in values]
+            args = self._bound[1]
+            args[0], args[1] = cache.pos, x
+            logits, cache.pos = self.step(*args)               # the graph returns the cache's next position too
+            return logits
         return eager_last_logits(self.model, x, cache)
 
     def _fits(self, x: torch.Tensor, cache: KVCache) -> bool:

@@ -161,9 +161,10 @@ def test_compiled_decode_matches_eager(mode):
         with torch.inference_mode():
             cache = model.new_cache(1)
             eager_last_logits(model, torch.tensor([prompt]), cache)
-            got = [dec.step(model, torch.tensor([[t]]), cache, cache.pos) for t in eager_ids[:-1]]
+            # The compiled graph, called directly (not through dynamo), moves the cache position as eager does.
+            got = [dec.last_logits(torch.tensor([[t]]), cache) for t in eager_ids[:-1]]
     assert cache.pos == len(prompt) + len(eager_ids) - 1
-    # generate() skips dynamo's guards for the compiled step (infer.decode._fits checks the inputs instead): a
+    # generate() calls the compiled graph without dynamo's guards (infer.decode._fits checks the inputs instead): a
     # cache unlike the warm-up's (another length) must take the eager path and still give the same tokens.
     calls = []
     compiled = dec.step
