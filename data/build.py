@@ -15,7 +15,6 @@ no manifest and no complete-looking shard; the next run removes the stale stagin
 from __future__ import annotations
 
 import itertools
-import json
 import logging
 import math
 import multiprocessing as mp
@@ -32,7 +31,7 @@ from data.shards import ShardWriter, dtype_for_vocab, read_raw_uint16
 from data.sources import SourceStats, describe_sources, iter_documents
 from data.tokenizer import TOKENIZER_FILE, Tokenizer, gpt2_tokenizer, load_tokenizer, train_bpe
 from kernels.common import FurnaceError
-from model.fileio import atomic_write_json
+from model.fileio import atomic_write_json, read_json_object
 
 log = logging.getLogger("furnace")
 
@@ -51,12 +50,9 @@ def read_manifest(data_dir: str | os.PathLike) -> dict:
     if not f.is_file():
         raise FurnaceError(f"data folder {d}: no {MANIFEST_FILE} (not made by data/prepare.py, or its run was "
                            f"interrupted: prepare it again)")
-    try:
-        m = json.loads(f.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise FurnaceError(f"{f}: not valid JSON ({e}); prepare the data again") from None
-    if not isinstance(m, dict) or m.get("format") != MANIFEST_FORMAT:
-        raise FurnaceError(f"{f}: not a Furnace data manifest (format {m.get('format') if isinstance(m, dict) else None!r})")
+    m = read_json_object(f, "manifest fields", "; prepare the data again")
+    if m.get("format") != MANIFEST_FORMAT:
+        raise FurnaceError(f"{f}: not a Furnace data manifest (format {m.get('format')!r})")
     return m
 
 

@@ -135,6 +135,22 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
 
 
 # ---- checksums -------------------------------------------------------------------------------------------
+def read_json_object(path: str | os.PathLike, what: str, hint: str = "") -> dict:
+    """A JSON object read from `path` (never code), or a FurnaceError naming the file: unreadable, not JSON, or
+    not an object. `what` says what the object should hold; `hint` (e.g. "; the checkpoint is damaged") ends
+    the message."""
+    f = Path(path)
+    try:
+        obj = json.loads(f.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError) as e:
+        raise FurnaceError(f"{f}: unreadable ({type(e).__name__}: {e}){hint}") from None
+    except json.JSONDecodeError as e:
+        raise FurnaceError(f"{f}: not valid JSON ({e}){hint}") from None
+    if not isinstance(obj, dict):
+        raise FurnaceError(f"{f}: expected a JSON object of {what}{hint}")
+    return obj
+
+
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -157,12 +173,7 @@ def verify_checksums(d: Path, names: tuple[str, ...] | None = None, required: bo
         if required:
             raise FurnaceError(f"checkpoint {d}: {CHECKSUM_FILE} is missing, so its files cannot be verified")
         return
-    try:
-        sums = json.loads(f.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise FurnaceError(f"{f}: not valid JSON ({e}); the checkpoint is damaged") from None
-    if not isinstance(sums, dict):
-        raise FurnaceError(f"{f}: expected a JSON object of file name -> sha256; the checkpoint is damaged")
+    sums = read_json_object(f, "file name -> sha256", "; the checkpoint is damaged")
     for name, want in sums.items():
         if names is not None and name not in names:
             continue

@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 
 from model.config import GPTConfig
 from kernels.common import FurnaceError
-from model.fileio import atomic_path, atomic_write, verify_checksums
+from model.fileio import atomic_path, atomic_write, read_json_object, verify_checksums
 from model.gpt import GPT
 
 CONFIG_FILE, WEIGHTS_FILE = "config.json", "model.safetensors"
@@ -121,12 +121,7 @@ def load_config(ckpt_dir: Path) -> GPTConfig:
     f = ckpt_dir / CONFIG_FILE
     if not f.is_file():
         raise FurnaceError(f"checkpoint {ckpt_dir}: {CONFIG_FILE} is missing")
-    try:
-        raw = json.loads(f.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise FurnaceError(f"{f}: not valid JSON ({e})") from None
-    if not isinstance(raw, dict):
-        raise FurnaceError(f"{f}: expected a JSON object of model config fields")
+    raw = read_json_object(f, "model config fields")
     return GPTConfig.from_dict(raw.get("model", raw), source=str(f))
 
 

@@ -220,13 +220,14 @@ def save_adapter(model: nn.Module, directory: Path) -> Path:
 
 
 def read_adapter_config(ckpt: Path) -> LoRAConfig:
+    from model.fileio import read_json_object
     f = Path(ckpt) / ADAPTER_CONFIG
+    raw = read_json_object(f, "LoRA adapter settings")
+    raw.pop("format", None)
     try:
-        raw = json.loads(f.read_text())
-        raw.pop("format", None)
         return LoRAConfig(**raw)
-    except (OSError, json.JSONDecodeError, TypeError) as e:
-        raise FurnaceError(f"{f}: not a readable LoRA adapter config ({type(e).__name__}: {e})") from None
+    except TypeError as e:
+        raise FurnaceError(f"{f}: not a LoRA adapter config ({e})") from None
 
 
 def check_base(cfg: LoRAConfig, ckpt: Path) -> Path:

@@ -142,13 +142,14 @@ class Job:
     model: object
 
 
-def run(opts: TrainOptions, ft: FinetuneOptions, make_task) -> dict:
+def run(opts: TrainOptions, ft: FinetuneOptions, make_task, sections: dict | None = None) -> dict:
     """Open the job, `make_task(opts, ft, rt, job) -> (task, record)`, train. Writes nothing before the
-    data has been read (make_task saves the tokenizer through read_data)."""
+    data has been read (make_task saves the tokenizer through read_data). `sections`: the method's own
+    config.json sections a resumed run must agree on, {name: (values, defining fields)}."""
     from train.setup import init_runtime
     from train.trainer import Trainer
     with init_runtime(opts) as rt:
-        job = open_job(opts, ft, rt)
+        job = open_job(opts, ft, rt, sections)
         if ft.lora_rank:
             add_lora(job, ft)
         task, record = make_task(opts, ft, rt, job)
@@ -199,7 +200,7 @@ def chat_sampler(tok, text: str):
     return PromptSampler(tok, ids, max_new_tokens=64, stop_ids=stop_ids(tok))
 
 
-def open_job(opts: TrainOptions, ft: FinetuneOptions, rt) -> Job:
+def open_job(opts: TrainOptions, ft: FinetuneOptions, rt, sections: dict | None = None) -> Job:
     """Defaults resolved into `opts` (data, batch size, seq_len, out), the run folder checked, the model built."""
     from data.chat_template import ensure_chat_tokens
     from data.tokenizer import TOKENIZER_FILE, load_tokenizer
@@ -222,7 +223,7 @@ def open_job(opts: TrainOptions, ft: FinetuneOptions, rt) -> Job:
     opts.batch_size = opts.batch_size or d["batch_size"]
     opts.seq_len = opts.seq_len or min(d["seq_len"], load_config(init_ckpt).max_seq_len)
     run_dir, resume = open_run_dir(opts, f"{ft.kind}-{Path(opts.init).resolve().name}",
-                                   {"finetune": (asdict(ft), RESUME_DEFINING)})
+                                   {"finetune": (asdict(ft), RESUME_DEFINING), **(sections or {})})
     tok = load_tokenizer(init_ckpt)
     model = build_model(opts, None, rt)
     ensure_chat_tokens(tok, model)

@@ -81,7 +81,7 @@ def main(argv=None):
     parse_rewards(g.reward)  # bad names fail here, before anything is written
     if not opts.data:
         opts.data, ft.val_data = default_task(ft.val_data)
-    run(opts, ft, lambda o, f, rt, job: grpo_task(o, f, rt, job, g))
+    run(opts, ft, lambda o, f, rt, job: grpo_task(o, f, rt, job, g), {"grpo": (asdict(g), tuple(asdict(g)))})
     import os
 
     from train.metrics import plot_losses
@@ -152,11 +152,6 @@ def grpo_task(opts, ft, rt, job, g: GRPOOptions):
                                f"within --seq-len {opts.seq_len}")
         return ids, text, ans
 
-    if opts.resume and (job.run_dir / "config.json").is_file():
-        old = json.loads((job.run_dir / "config.json").read_text()).get("grpo", {})
-        diffs = [f"{k}: {old[k]!r} -> {v!r}" for k, v in asdict(g).items() if k in old and old[k] != v]
-        if diffs:
-            raise FurnaceError(f"--resume {job.run_dir}: GRPO options differ from the saved run ({'; '.join(diffs)})")
     train, val, record = read_data(opts, ft, job, grpo_record, build, rt.rank)
     rewards = parse_rewards(g.reward)
     ref = None

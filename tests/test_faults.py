@@ -496,3 +496,24 @@ def test_incomplete_step_folders_are_never_deleted_by_a_restart(tmp_path):
         with pytest.raises(FurnaceError, match="holds step_00000002 but no complete checkpoint"):
             check_out_dir(run, {}, resume)
     assert (run / "checkpoints" / "step_00000002" / "config.json").is_file()
+
+
+def test_json_files_read_from_disk_fail_in_one_line_naming_the_file(tmp_path):
+    """model.fileio.read_json_object, behind checkpoint configs, checksums, data manifests and run folders:
+    not JSON, not an object, or not text -> one FurnaceError naming the file; a data manifest says what to do."""
+    from data.build import read_manifest
+    from kernels.common import FurnaceError
+    from model.fileio import read_json_object
+    cases = {"a.json": (b"{oops", "not valid JSON"), "b.json": (b"[1, 2]", "expected a JSON object of x"),
+             "c.json": (b"\xff\xfe\x00", "unreadable (UnicodeDecodeError")}
+    for name, (data, msg) in cases.items():
+        (tmp_path / name).write_bytes(data)
+        with pytest.raises(FurnaceError) as e:
+            read_json_object(tmp_path / name, "x")
+        assert str(e.value).startswith(f"{tmp_path / name}: {msg}"), e.value
+    (tmp_path / "d.json").write_text('{"k": 1}')
+    assert read_json_object(tmp_path / "d.json", "x") == {"k": 1}
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "manifest.json").write_text("[]")
+    with pytest.raises(FurnaceError, match=r"manifest.json: expected a JSON object of manifest fields; prepare the data"):
+        read_manifest(tmp_path / "data")

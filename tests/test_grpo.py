@@ -341,3 +341,12 @@ def test_resume_after_sigkill_mid_iterations_reproduces_every_step(tmp_path, ini
     assert sorted(sa) == [1, 2, 3, 4, 5, 6] and sa == sb
     assert [sa[s][3] == 1.0 for s in sa] == [True, False] * 3                 # ratio 1 at each batch's first update
     assert len(set(sa.values())) == 6 and sa[6][2] > 0, sa                    # the run moves: a real comparison
+    # resuming with other GRPO options is refused by the one resume check (train.checkpoint.check_out_dir)
+    before = (tmp_path / "b" / "metrics.jsonl").read_text()
+    c = run_grpo([*common, "--num-generations", "3", "--out", str(tmp_path / "b"), "--resume"], tmp_path)
+    assert c.returncode == 2 and "Traceback" not in c.stderr, c.stderr
+    assert "options differ from the saved run (num_generations: 4 -> 3)" in c.stderr, c.stderr
+    (tmp_path / "b" / "config.json").write_text("{damaged")                   # a damaged run folder: one line
+    c = run_grpo([*common, "--out", str(tmp_path / "b"), "--resume"], tmp_path)
+    assert c.returncode == 2 and "Traceback" not in c.stderr and "config.json: not valid JSON" in c.stderr, c.stderr
+    assert (tmp_path / "b" / "metrics.jsonl").read_text() == before            # nothing written by either

@@ -28,7 +28,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from kernels.common import FurnaceError
-from model.fileio import atomic_dir, atomic_write, verify_checksums, write_checksums
+from model.fileio import atomic_dir, atomic_write, read_json_object, verify_checksums, write_checksums
 from model.io import checkpoint_step, latest_checkpoint, save as save_model, unwrap
 
 log = logging.getLogger("furnace")
@@ -266,7 +266,7 @@ def _check_out_dir(run_dir: Path, sections: dict, resume: bool) -> Path | None:
     if ckpt is None:
         raise FurnaceError(f"--resume: {run_dir} holds no training run to resume (no checkpoints/ and no "
                            f"config.json); run without --resume to start one")
-    saved = json.loads(cfg_file.read_text()) if cfg_file.is_file() else {}
+    saved = read_json_object(cfg_file, "run options", "; the run folder is damaged") if cfg_file.is_file() else {}
     for section, (values, defining) in sections.items():
         old = saved.get(section, {})
         changed = {k: (old[k], v) for k, v in values.items() if k in old and k != "resume" and old[k] != v}
