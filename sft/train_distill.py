@@ -43,12 +43,11 @@ def main(argv=None):
 
 
 def run(opts, args) -> dict:
-    import torch
-
     from data import check_tokenizer_match, load_tokenizer
     from model.flops import flops_per_token
     from model.io import load, resolve_checkpoint
-    from sft.distill import DistillTask, check_teacher
+    from sft.distill import DistillTask
+    from train.precision import DTYPES
     from train.pretrain import build
     from train.setup import init_runtime
 
@@ -58,15 +57,15 @@ def run(opts, args) -> dict:
                            f"student's data; copy the teacher's tokenizer.json into that folder")
     teacher_sha = load_tokenizer(teacher_ckpt).sha256
     with init_runtime(opts) as rt:
-        dt = args.teacher_dtype
-        if dt == "auto":
-            dt = "bf16" if rt.device.type == "cuda" else "fp32"
-        dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dt]
+        dt = args.teacher_dtype if args.teacher_dtype != "auto" else "bf16" if rt.device.type == "cuda" else "fp32"
 
         def make_task(loader, val, eval_batches, model, data_dir):
             check_tokenizer_match(loader.tokenizer_sha256, teacher_sha, f"data {data_dir}", f"--teacher {teacher_ckpt}")
-            teacher = load(teacher_ckpt, device=rt.device, dtype=dtype)
-            check_teacher(teacher, model.config.vocab_size, str(teacher_ckpt))
+            teacher = load(teacher_ckpt, device=rt.device, dtype=DTYPES[dt])
+            if teacher.config.vocab_size != model.config.vocab_size:
+                raise FurnaceError(f"--teacher {teacher_ckpt}: vocabulary of {teacher.config.vocab_size} rows, the "
+                                   f"student has {model.config.vocab_size}; teacher and student must share the "
+                                   f"tokenizer and vocab size")
             log.info(f"distillation: teacher {teacher_ckpt} ({teacher.num_params() / 1e6:.2f}M params, {dt}, "
                      f"inference mode) -> student {model.num_params() / 1e6:.2f}M; alpha {args.alpha}, "
                      f"T {args.temperature}")
