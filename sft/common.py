@@ -26,19 +26,17 @@ RESUME_DEFINING = ("kind", "val_data", "skip_bad", "truncate", "beta", "lora_ran
 
 @dataclass(frozen=True)
 class Method:
-    """What differs per method around the Trainer. `defaults`: learning rates for fine-tuning (pretraining's
-    1e-3 would wreck an SFT'd model). `refused`: TrainOptions fields it does not take (not in its --help):
-    the model's shape comes from --init, --tokens counts pretraining tokens; DPO and GRPO have their own loss
-    (no z-loss) and evaluate every held-out pair / up to 64 held-out prompts' greedy replies, not a token
-    budget. `flags`: {field: (default, help)} where a shared flag means something else here."""
+    """What differs per method around the Trainer (its --help lines, defaults and default data)."""
     units: str          # what --batch-size counts
     data: str           # what --data holds
     default_data: str   # what a run without --data trains on ...
     data_dir: str       # ... and its folder (sft/defaults.py writes it)
     init: str           # what --init should be
-    defaults: TrainOptions
+    defaults: TrainOptions  # learning rates for fine-tuning (pretraining's 1e-3 would wreck an SFT'd model)
+    # TrainOptions fields it refuses (not in its --help): the model's shape comes from --init, --tokens counts
+    # pretraining tokens; DPO and GRPO have their own loss (no z-loss) and evaluate held-out pairs / prompts
     refused: tuple = ("preset", "tokens", "z_loss", "eval_tokens")
-    flags: dict = dataclasses.field(default_factory=dict)
+    flags: dict = dataclasses.field(default_factory=dict)  # {field: (default, help)} of a shared flag
     then: str = ""      # the next command, logged after a finished run
 
 
@@ -126,7 +124,8 @@ def parse(kind: str, description: str, argv, own=None):
     fields = dataclasses.fields(FinetuneOptions)[1:] + (dataclasses.fields(own) if own else ())
     for f in (f for f in fields if kind in f.metadata["kinds"]):
         default, text = m.flags.get(f.name, (f.default, f.metadata["help"]))
-        g = groups[f.metadata["group"]] = groups.get(f.metadata["group"]) or ap.add_argument_group(f.metadata["group"])
+        name = f.metadata["group"]
+        g = groups[name] = groups.get(name) or ap.add_argument_group(name)
         kw = ({"action": "store_true"} if f.type == "bool" else
               {"type": {"int": int, "float": float, "str": str}[f.type], "metavar": METAVAR[f.type]})
         g.add_argument("--" + f.name.replace("_", "-"), default=default, help=text, **kw)

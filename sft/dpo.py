@@ -47,8 +47,7 @@ def token_logps(model, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     target rows of the logits are normalised."""
     logits, _ = model(x)                                                  # (N, T, V)
     mask = y != IGNORE                                                    # (N, T)
-    sel = logits[mask].float()                                            # (M, V)
-    lp = sel.gather(1, y[mask][:, None]).squeeze(1) - torch.logsumexp(sel, dim=-1)  # (M,)
+    lp = torch.log_softmax(logits[mask].float(), dim=-1).gather(1, y[mask][:, None]).squeeze(1)  # (M,)
     return torch.zeros(y.shape, device=x.device, dtype=torch.float32).masked_scatter(mask, lp)
 
 
@@ -129,17 +128,12 @@ def reference_logps(model, pairs: list[Pair], batch_size: int, pad_id: int, max_
                     autocast=None) -> torch.Tensor:
     """(N, 2) float32: `model`'s summed completion log-probs of each pair's (chosen, rejected), on the CPU
     (the frozen --init model's before training: the reference; the policy's when evaluating)."""
-    out = torch.empty(len(pairs), 2)
-    dev = torch.device(device)
-    with eval_mode(model):
+    dev, out = torch.device(device), []
+    with eval_mode(model), (autocast(dev.type) if autocast else torch.autocast(dev.type, enabled=False)):
         for s in range(0, len(pairs), batch_size):
-            chunk = pairs[s:s + batch_size]
-            x, y = pair_batch(chunk, pad_id, max_len)
-            with (autocast(dev.type) if autocast else torch.autocast(dev.type, enabled=False)):
-                lp = sequence_logps(model, x.to(dev), y.to(dev)).cpu()     # (2n,)
-            n = len(chunk)
-            out[s:s + n, 0], out[s:s + n, 1] = lp[:n], lp[n:]
-    return out
+            x, y = pair_batch(pairs[s:s + batch_size], pad_id, max_len)
+            out.append(sequence_logps(model, x.to(dev), y.to(dev)).cpu().view(2, -1).T)   # (n, 2)
+    return torch.cat(out)
 
 
 def cached_reference_logps(cache_dir: Path, ckpt_key: str, pairs: list[Pair], compute) -> torch.Tensor:

@@ -13,7 +13,7 @@ from typing import Iterator
 from data.chat_template import ROLES
 from kernels.common import FurnaceError
 
-_SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+_SHAREGPT_ROLES = {"human": "user", "gpt": "assistant"}  # other "from" values are taken as the role
 
 
 @dataclass

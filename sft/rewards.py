@@ -41,9 +41,7 @@ DEFAULT_REWARDS = "answer:1,format:0.5"
 def parse_rewards(spec: str) -> list[tuple[str, Reward, float]]:
     """'answer:1,format:0.5' -> [(name, function, weight), ...]; FurnaceError naming the bad part."""
     out = []
-    for part in (p.strip() for p in spec.split(",")):
-        if not part:
-            continue
+    for part in filter(None, (p.strip() for p in spec.split(","))):
         name, _, w = part.partition(":")
         try:
             weight = float(w) if w else 1.0

@@ -15,7 +15,7 @@ if __package__ in (None, ""):  # run as a file: put the repo root on sys.path
 import argparse  # noqa: E402
 import logging  # noqa: E402
 
-from kernels.common import FurnaceError, run_cli  # noqa: E402
+from kernels.common import EXIT_INTERRUPTED, FurnaceError, run_cli  # noqa: E402
 from train.options import add_arguments, options_from_args  # noqa: E402
 
 log = logging.getLogger("furnace")
@@ -26,7 +26,8 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(ap)
     g = ap.add_argument_group("distillation")
-    g.add_argument("--teacher", required=True, help="teacher checkpoint or run folder, trained with the same tokenizer (required)")
+    g.add_argument("--teacher", required=True,
+                   help="teacher checkpoint or run folder, trained with the same tokenizer (required)")
     g.add_argument("--alpha", type=float, default=0.5, help="weight of the KL term, in [0, 1] (default: 0.5)")
     g.add_argument("--temperature", type=float, default=2.0, help="softmax temperature T > 0 (default: 2)")
     g.add_argument("--teacher-dtype", choices=TEACHER_DTYPES, default="auto",
@@ -39,10 +40,6 @@ def main(argv=None):
         raise FurnaceError(f"--temperature {args.temperature}: expected > 0 (e.g. 2)")
     if not (opts.init or opts.preset):
         raise FurnaceError("the student: pass --init CKPT (a trained student) or --preset NAME (a fresh one)")
-    run(opts, args)
-
-
-def run(opts, args) -> dict:
     from data import check_tokenizer_match, load_tokenizer
     from model.flops import flops_per_token
     from model.io import load, resolve_checkpoint
@@ -76,7 +73,7 @@ def run(opts, args) -> dict:
         record["distill"] = {"teacher": str(teacher_ckpt), "alpha": args.alpha, "temperature": args.temperature,
                              "teacher_dtype": dt}
         try:
-            return trainer.run(record)
+            return EXIT_INTERRUPTED if trainer.run(record).get("interrupted") else 0
         finally:
             trainer.task.train_loader.close()
             trainer.task.val_loader.close()
