@@ -1,10 +1,5 @@
-"""Fine-tuning methods on the one Trainer: SFT (assistant-only loss, packing with document masking) and DPO
-(cached reference log-probs).
-
-    from sft import build_sft_example, dpo_loss
-    ids, labels = build_sft_example(tokenizer, messages, max_len=512)
-Commands: sft/train_sft.py, sft/train_dpo.py; what they share: sft/common.py. Names are imported lazily
-(PEP 562) so the commands' `--help` does not import torch.
+"""Fine-tuning methods on the one Trainer (SFT, DPO, GRPO, distillation; sft/README.md). The names below are
+imported lazily (PEP 562) so the commands' `--help` does not import torch.
 """
 import importlib
 

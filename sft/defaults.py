@@ -1,17 +1,8 @@
-"""Offline default datasets, built from the embedded corpus (the interpreter's standard library sources).
-
-SFT: each public, undecorated top-level function with a docstring becomes
-    user:      Write a Python function `name(args)` that <first docstring line, first letter lowered>
-    assistant: the function's source
-    plus ARITH_SFT conversations of GRPO's default arithmetic task (sft/rewards.py: its training problems only,
-    drawn with their own seed), replies in the `<think>` format with the answer, so the SFT'd chat model
-    knows the format and is sometimes right, which the default GRPO run then improves
-DPO: the same prompt; chosen = that function's source; rejected = a mismatched function (another function's
-source, even pairs) or a corrupted one (the same def and docstring with the body's lines in reverse order,
-odd pairs). Validation examples and held-out pairs come from functions that no training example uses.
-
-The files are written once (atomically) as ordinary datasets, so a default run is the same as
-`--data runs/data/stdlib-sft/train.jsonl --val-data runs/data/stdlib-sft/val.jsonl` and they show the formats.
+"""The offline default datasets (what each is: sft/README.md "Offline default datasets"), written once, atomically,
+as ordinary datasets: a default run is the same as `--data DIR/train.jsonl --val-data DIR/val.jsonl`.
+SFT and DPO come from the interpreter's standard library functions (validation examples and held-out pairs
+from functions no training example uses), plus GRPO's arithmetic conversations in the SFT training file;
+GRPO's prompts from sft/rewards.py.
 """
 from __future__ import annotations
 
@@ -24,12 +15,12 @@ from pathlib import Path
 
 from data.sources import default_corpus_files
 from model.fileio import atomic_write
-from sft.rewards import arithmetic_conversations
+from sft.common import METHODS
+from sft.rewards import arithmetic_conversations, arithmetic_problems
 
 log = logging.getLogger("furnace")
 
-DEFAULT_SFT_DIR = Path("runs") / "data" / "stdlib-arith-sft"   # relative to the working directory, like the corpus
-DEFAULT_DPO_DIR = Path("runs") / "data" / "stdlib-dpo"
+DEFAULT_SFT_DIR, DEFAULT_DPO_DIR = Path(METHODS["sft"].data_dir), Path(METHODS["dpo"].data_dir)  # relative to the cwd
 MAX_SOURCE_CHARS = 1200     # longer functions are left out (the tiny CPU model has a 512-token context)
 SFT_TRAIN, SFT_VAL = 500, 64
 ARITH_SFT, ARITH_SEED = 400, 4321     # arithmetic conversations in the SFT training file (GRPO's prompts use 1234)
@@ -58,18 +49,13 @@ def functions_in(text: str, where: str) -> list[Func]:
         return []
     out = []
     for node in tree.body:
-        if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) or node.decorator_list:
+        if (not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) or node.decorator_list
+                or node.name.startswith("_") or not ast.get_docstring(node)):
             continue
-        if node.name.startswith("_"):
-            continue
-        doc = ast.get_docstring(node)
-        if not doc:
-            continue
-        summary = doc.strip().splitlines()[0].strip()
+        summary = ast.get_docstring(node).strip().splitlines()[0].strip()
         src = ast.get_source_segment(text, node)
-        if len(summary.split()) < 3 or not src or len(src) > MAX_SOURCE_CHARS:
-            continue
-        out.append(Func(node.name, f"{node.name}({ast.unparse(node.args)})", summary, src, where))
+        if len(summary.split()) >= 3 and src and len(src) <= MAX_SOURCE_CHARS:
+            out.append(Func(node.name, f"{node.name}({ast.unparse(node.args)})", summary, src, where))
     return out
 
 
@@ -93,20 +79,21 @@ def corrupted(fn: Func) -> str | None:
     body has fewer than two distinct lines."""
     lines = fn.source.splitlines()
     tree = ast.parse(fn.source).body[0]
-    body_start = tree.body[1].lineno - 1 if len(tree.body) > 1 else len(lines)
-    head, body = lines[:body_start], lines[body_start:]
-    if len(set(body)) < 2:
-        return None
-    return "\n".join(head + body[::-1])
-
-
-def _conv(fn: Func, reply: str | None = None) -> list[dict]:
-    return [{"role": "user", "content": fn.instruction}, {"role": "assistant", "content": reply or fn.source}]
+    start = tree.body[1].lineno - 1 if len(tree.body) > 1 else len(lines)
+    return "\n".join(lines[:start] + lines[start:][::-1]) if len(set(lines[start:])) >= 2 else None
 
 
 def _write_jsonl(path: Path, records: list[dict]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+
+
+def build_default_data(kind: str) -> None:
+    """The default data of method `kind` (GRPO's is rewritten each time: it is small and seeded)."""
+    if kind != "grpo":
+        return build_default_datasets()
+    for name, recs in zip(("train", "val"), arithmetic_problems()):
+        _write_jsonl(Path(METHODS["grpo"].data_dir) / f"{name}.jsonl", recs)
 
 
 def build_default_datasets(sft_dir: Path = DEFAULT_SFT_DIR, dpo_dir: Path = DEFAULT_DPO_DIR) -> None:
@@ -120,8 +107,11 @@ def build_default_datasets(sft_dir: Path = DEFAULT_SFT_DIR, dpo_dir: Path = DEFA
     val, train = funcs[:n_val], funcs[n_val:n_val + SFT_TRAIN]
     sft_val, dpo_val_funcs = val[:n_val // 2], val[n_val // 2:]
     arith = [{"conversations": c} for c in arithmetic_conversations(ARITH_SFT, ARITH_SEED)]
-    _write_jsonl(files[0], [{"conversations": _conv(fn)} for fn in train] + arith)
-    _write_jsonl(files[1], [{"conversations": _conv(fn)} for fn in sft_val])
+    conv = [[{"conversations": [{"role": "user", "content": fn.instruction},
+                                {"role": "assistant", "content": fn.source}]} for fn in fns]
+            for fns in (train, sft_val)]
+    _write_jsonl(files[0], conv[0] + arith)
+    _write_jsonl(files[1], conv[1])
     _write_jsonl(files[2], _pairs(train[:DPO_TRAIN], train))
     _write_jsonl(files[3], _pairs(dpo_val_funcs, dpo_val_funcs))
     log.info(f"default datasets: {len(funcs)} stdlib functions qualify -> SFT {len(train)} (+ {len(arith)} arithmetic) "
@@ -136,7 +126,6 @@ def _pairs(funcs: list[Func], pool: list[Func]) -> list[dict]:
         bad = corrupted(fn) if i % 2 else None
         while bad is None:
             other = pool[rng.randrange(len(pool))]
-            if other.name != fn.name:
-                bad = other.source
+            bad = other.source if other.name != fn.name else None
         out.append({"prompt": fn.instruction, "chosen": fn.source, "rejected": bad})
     return out

@@ -1,16 +1,13 @@
-"""Knowledge distillation: the task (train/task.py) whose loss mixes the labels' cross-entropy with the
-teacher's distribution, per target token:
-    loss = (1 - alpha) * CE(student, labels) + alpha * T^2 * KL(softmax(teacher / T) || softmax(student / T))
-computed by kernels/fused_linear_distill.py from both models' hidden states, chunked over tokens, so neither
-model's (tokens x vocab) logits are ever held whole. The teacher runs under torch.inference_mode in its own
-dtype (autocast off), is never trained and is not saved. Validation is the student's plain next-token loss,
-so a distilled run and a labels-only run compare directly.
+"""Knowledge distillation: the task (train/task.py) whose loss per target token is
+    (1 - alpha) * CE(student, labels) + alpha * T^2 * KL(softmax(teacher / T) || softmax(student / T))
+from both models' hidden states (kernels/fused_linear_distill.py: chunked, neither model's logits held whole).
+The teacher runs under inference mode in its own dtype and is never trained or saved. Validation is the
+student's plain next-token loss (LMTask's), so a distilled run and a labels-only run compare directly.
 """
 from __future__ import annotations
 
 import torch
 
-from kernels.common import FurnaceError
 from kernels.fused_linear_distill import fused_linear_distill
 from model.io import unwrap
 from train.task import IGNORE, LMTask
@@ -33,9 +30,3 @@ class DistillTask(LMTask):
         loss = fused_linear_distill(h.flatten(0, 1), w, ht.flatten(0, 1), self.teacher.lm_head.weight,
                                     y.flatten(), self.alpha, self.temperature, IGNORE)
         return loss, {}
-
-
-def check_teacher(teacher, student_vocab: int, teacher_desc: str) -> None:
-    if teacher.config.vocab_size != student_vocab:
-        raise FurnaceError(f"--teacher {teacher_desc}: vocabulary of {teacher.config.vocab_size} rows, the student "
-                           f"has {student_vocab}; teacher and student must share the tokenizer and vocab size")

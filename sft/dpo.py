@@ -3,9 +3,8 @@
     loss = -mean(log sigmoid(beta * ((pi_c - ref_c) - (pi_r - ref_r))))     (Rafailov et al. 2023, sigmoid loss)
     chosen_reward = beta * (pi_c - ref_c), rejected_reward = beta * (pi_r - ref_r)
 pi_* / ref_* are the policy's / reference's log-probabilities of a completion (the final assistant reply and
-its <|im_end|>), summed over its tokens. The reference is the frozen --init model; its log-probs are
-computed once, before training, and cached on disk keyed by the checkpoint's and the tokenized data's
-hashes, so training holds only the policy in memory. At step 0 policy == reference, so the loss is ln 2.
+its <|im_end|>), summed over its tokens. The reference (the frozen --init model) is computed once and cached
+on disk, so training holds only the policy. At step 0 policy == reference, so the loss is ln 2.
 """
 from __future__ import annotations
 
@@ -22,9 +21,9 @@ from safetensors.torch import save_file
 
 from kernels.common import FurnaceError
 from model.fileio import atomic_path
-from model.io import eval_mode, unwrap
+from model.io import eval_mode
 from sft.examples import IGNORE
-from sft.packing import pack_row
+from sft.packing import padded_rows
 from sft.sampler import EpochSampler, SamplerLoader
 
 log = logging.getLogger("furnace")
@@ -42,28 +41,25 @@ def dpo_loss(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Ten
     return loss, chosen.detach(), rejected.detach()
 
 
+def token_logps(model, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """x, y (N, T): inputs and targets (IGNORE = no target) -> (N, T) float32 log p(y_t | x_<=t), 0 where
+    there is no target. Goes through model.forward (DDP / compile wrappers stay in the graph); only the
+    target rows of the logits are normalised."""
+    logits, _ = model(x)                                                  # (N, T, V)
+    mask = y != IGNORE                                                    # (N, T)
+    lp = torch.log_softmax(logits[mask].float(), dim=-1).gather(1, y[mask][:, None]).squeeze(1)  # (M,)
+    return torch.zeros(y.shape, device=x.device, dtype=torch.float32).masked_scatter(mask, lp)
+
+
 def sequence_logps(model, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """x, y: (B, T) inputs and targets (-100 = not part of the completion) -> (B,) float32 sums of
-    log p(y_t | x_<=t) over the completion's positions. Goes through model.forward (so DDP / compile wrappers
-    stay in the graph); only the completion rows of the logits are normalised."""
-    logits, _ = model(x)                                                  # (B, T, V)
-    mask = y != IGNORE                                                    # (B, T)
-    sel = logits[mask].float()                                            # (N, V)
-    tgt = y[mask]                                                         # (N,)
-    lp = sel.gather(1, tgt[:, None]).squeeze(1) - torch.logsumexp(sel, dim=-1)  # (N,)
-    rows = torch.arange(x.shape[0], device=x.device)[:, None].expand_as(y)[mask]  # (N,)
-    return torch.zeros(x.shape[0], device=x.device, dtype=torch.float32).index_add(0, rows, lp)
+    log p(y_t | x_<=t) over the completion's positions."""
+    return token_logps(model, x, y).sum(1)
 
 
-def pair_batch(pairs: list[Pair], pad_id: int, max_len: int, multiple: int = 16):
-    """-> x, y (2P, L): chosen rows first, then rejected; L = the longest sequence rounded up to `multiple`
-    (fewer distinct shapes), at most max_len."""
-    seqs = [p[0] for p in pairs] + [p[1] for p in pairs]
-    L = min(max_len, multiple * -(-max(len(ids) for ids, _ in seqs) // multiple))
-    rows = [pack_row([s], L, pad_id) for s in seqs]
-    x = torch.from_numpy(np.stack([r[0] for r in rows]))                 # (2P, L)
-    y = torch.from_numpy(np.stack([r[1] for r in rows]))                 # (2P, L)
-    return x, y
+def pair_batch(pairs: list[Pair], pad_id: int, max_len: int):
+    """-> x, y (2P, L): chosen rows first, then rejected (sft.packing.padded_rows)."""
+    return padded_rows([p[0] for p in pairs] + [p[1] for p in pairs], pad_id, max_len)
 
 
 class PairLoader(SamplerLoader):
@@ -72,8 +68,6 @@ class PairLoader(SamplerLoader):
 
     def __init__(self, pairs: list[Pair], ref: torch.Tensor | None, batch_size: int, pad_id: int, max_len: int,
                  seed: int = 0, shuffle: bool = True, rank: int = 0, world_size: int = 1, device="cpu"):
-        if not pairs:
-            raise ValueError("PairLoader needs at least one pair")
         self.pairs, self.ref, self.B, self.pad_id, self.max_len = pairs, ref, batch_size, pad_id, max_len
         self.sampler = EpochSampler(len(pairs), seed, shuffle, rank, world_size)
         self.device = torch.device(device)
@@ -107,18 +101,18 @@ class DPOTask:
 
     def loss(self, model, batch: dict):
         """(mean loss over the batch's pairs, reward metrics)."""
-        n = batch["n"]
+        n, ref = batch["n"], batch["ref"]
         logps = sequence_logps(model, batch["x"], batch["y"])                # (2n,)
-        ref = batch["ref"]
         loss, cr, rr = dpo_loss(logps[:n], logps[n:], ref[:n], ref[n:], self.beta)
         return loss, pair_metrics(cr, rr)
 
     def evaluate(self, model, final: bool = True) -> dict:
-        ld = self.train_loader
-        out = {}
+        """Loss and reward metrics over each evaluation set once (means over pairs)."""
+        ld, out = self.train_loader, {}
         for prefix, pairs, ref in self.eval_sets:
-            out.update(evaluate_pairs(model, pairs, ref, self.beta, ld.B, ld.pad_id, ld.max_len, self.device,
-                                      self.autocast, prefix=prefix))
+            logps = reference_logps(model, pairs, ld.B, ld.pad_id, ld.max_len, self.device, self.autocast)  # (N, 2)
+            loss, cr, rr = dpo_loss(logps[:, 0], logps[:, 1], ref[:, 0], ref[:, 1], self.beta)
+            out.update({prefix + k: v for k, v in {"loss": loss.item(), **pair_metrics(cr, rr)}.items()})
         return out
 
 
@@ -128,47 +122,27 @@ def pair_metrics(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor) -
             "chosen_reward": chosen_rewards.mean().item(), "rejected_reward": rejected_rewards.mean().item()}
 
 
-@torch.no_grad()
-def evaluate_pairs(model, pairs: list[Pair], ref: torch.Tensor, beta: float, batch_size: int, pad_id: int,
-                   max_len: int, device, autocast, prefix: str = "val_") -> dict:
-    """Loss and reward metrics over all `pairs` once (means over pairs; the model put back in its mode)."""
-    logps = reference_logps(unwrap(model), pairs, batch_size, pad_id, max_len, device, autocast)   # (N, 2)
-    loss, cr, rr = dpo_loss(logps[:, 0], logps[:, 1], ref[:, 0], ref[:, 1], beta)
-    return {prefix + k: v for k, v in {"loss": loss.item(), **pair_metrics(cr, rr)}.items()}
-
-
 # ---- reference log-probs, cached -----------------------------------------------------------------
 @torch.no_grad()
 def reference_logps(model, pairs: list[Pair], batch_size: int, pad_id: int, max_len: int, device,
                     autocast=None) -> torch.Tensor:
     """(N, 2) float32: `model`'s summed completion log-probs of each pair's (chosen, rejected), on the CPU
     (the frozen --init model's before training: the reference; the policy's when evaluating)."""
-    out = torch.empty(len(pairs), 2)
-    dev = torch.device(device)
-    with eval_mode(model):
+    dev, out = torch.device(device), []
+    with eval_mode(model), (autocast(dev.type) if autocast else torch.autocast(dev.type, enabled=False)):
         for s in range(0, len(pairs), batch_size):
-            chunk = pairs[s:s + batch_size]
-            x, y = pair_batch(chunk, pad_id, max_len)
-            with (autocast(dev.type) if autocast else torch.autocast(dev.type, enabled=False)):
-                lp = sequence_logps(model, x.to(dev), y.to(dev)).cpu()     # (2n,)
-            n = len(chunk)
-            out[s:s + n, 0], out[s:s + n, 1] = lp[:n], lp[n:]
-    return out
-
-
-def pairs_sha256(pairs: list[Pair]) -> str:
-    """Hash of the tokenized pairs (ids and labels): covers files, formats, template and truncation at once."""
-    h = hashlib.sha256()
-    for (ci, cl), (ri, rl) in pairs:
-        for seq in (ci, cl, ri, rl):
-            h.update(np.asarray(seq, dtype=np.int64).tobytes())
-            h.update(b"|")
-    return h.hexdigest()
+            x, y = pair_batch(pairs[s:s + batch_size], pad_id, max_len)
+            out.append(sequence_logps(model, x.to(dev), y.to(dev)).cpu().view(2, -1).T)   # (n, 2)
+    return torch.cat(out)
 
 
 def cached_reference_logps(cache_dir: Path, ckpt_key: str, pairs: list[Pair], compute) -> torch.Tensor:
-    """Load CACHE/ref-<ckpt>-<data>.safetensors when its keys match, else `compute()` and write it atomically."""
-    data_key = pairs_sha256(pairs)
+    """Load CACHE/ref-<ckpt>-<data>.safetensors when its keys match, else `compute()` and write it atomically.
+    The data key hashes the tokenized pairs (ids and labels): files, formats, template and truncation at once."""
+    h = hashlib.sha256()
+    for seq in (seq for pair in pairs for side in pair for seq in side):
+        h.update(np.asarray(seq, dtype=np.int64).tobytes() + b"|")
+    data_key = h.hexdigest()
     path = Path(cache_dir) / f"ref-{ckpt_key[:16]}-{data_key[:16]}.safetensors"
     if path.is_file():
         try:  # safetensors: reading the cache never executes code

@@ -1,23 +1,11 @@
-"""Dataset readers for SFT and DPO: records -> chat messages, with errors that name FILE:LINE.
-
-SFT records (one JSON object per line of a .jsonl file, or the items of a .json list):
-    {"conversations": [{"role": "user", "content": ...}, ...]}     MiniMind (also ShareGPT "from"/"value")
-    {"messages": [{"role": ..., "content": ...}, ...]}             OpenAI / Hugging Face
-    {"instruction": ..., "input": ..., "output": ...}              Alpaca ("input" and "system" optional)
-DPO records:
-    {"chosen": [messages], "rejected": [messages]}                 MiniMind
-    {"prompt": str | [messages], "chosen": str | [messages], "rejected": str | [messages]}   TRL
-An assistant message may carry its reasoning as "reasoning" (or "reasoning_content"); the template renders
-it as a <think> block.
-
-`--data` takes files, folders (their *.jsonl / *.json files) or `hf:NAME[:SPLIT]` (a Hugging Face dataset,
-online only), comma-separated, mixed freely. A bad record raises FurnaceError("FILE:LINE: what is wrong")
-unless skip_bad is set: then it is skipped, counted, and the count is logged (never silently).
+"""Dataset readers: records -> chat messages, with errors that name FILE:LINE. The record formats of SFT
+(MiniMind / ShareGPT, OpenAI, Alpaca), DPO (MiniMind, TRL) and GRPO ({"prompt", "answer"}) and `--data`'s
+files, folders and `hf:NAME[:SPLIT]`: sft/README.md. A bad record raises FurnaceError("FILE:LINE: what is
+wrong") unless skip_bad is set: then it is skipped, counted, and the count is logged (never silently).
 """
 from __future__ import annotations
 
 import json
-import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
@@ -25,9 +13,7 @@ from typing import Iterator
 from data.chat_template import ROLES
 from kernels.common import FurnaceError
 
-log = logging.getLogger("furnace")
-_SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
-                   "system": "system"}
+_SHAREGPT_ROLES = {"human": "user", "gpt": "assistant"}  # other "from" values are taken as the role
 
 
 @dataclass
@@ -53,14 +39,11 @@ class BadRecords:
 def expand_data_arg(arg: str) -> list[str]:
     """'a.jsonl,dir,hf:name' -> files (folders expanded, sorted) and hf: names; FurnaceError for missing paths."""
     out: list[str] = []
-    for part in (p.strip() for p in arg.split(",")):
-        if not part:
-            continue
+    for part in filter(None, (p.strip() for p in arg.split(","))):
+        p = Path(part).expanduser()
         if part.startswith("hf:"):
             out.append(part)
-            continue
-        p = Path(part).expanduser()
-        if p.is_dir():
+        elif p.is_dir():
             files = sorted(f for f in p.iterdir() if f.suffix in (".jsonl", ".json") and f.is_file())
             if not files:
                 raise FurnaceError(f"--data {part}: folder holds no .jsonl or .json files")
@@ -76,45 +59,38 @@ def expand_data_arg(arg: str) -> list[str]:
 
 def iter_records(source: str, bad: BadRecords) -> Iterator[tuple[str, object]]:
     """(where, parsed JSON value) per record of one source; `where` is FILE:LINE (or FILE[item], hf:NAME[row])."""
-    if source.startswith("hf:"):
-        yield from _iter_hf(source)
-        return
     path = Path(source)
-    if path.suffix == ".json":
+    if source.startswith("hf:"):
+        name, _, split = source[3:].partition(":")
+        try:
+            import datasets
+        except ImportError:
+            raise FurnaceError(f"--data {source}: reading Hugging Face datasets needs `pip install datasets`") from None
+        try:
+            ds = datasets.load_dataset(name, split=split or "train", streaming=True)
+        except Exception as e:  # network, missing dataset, auth: the library raises many types
+            raise FurnaceError(f"--data {source}: could not open the Hugging Face dataset ({type(e).__name__}: "
+                               f"{str(e)[:160]}); it needs network, or pass local .jsonl files") from None
+        yield from ((f"{source}[{i}]", row) for i, row in enumerate(ds))
+    elif path.suffix == ".json":
         try:
             items = json.loads(path.read_text(encoding="utf-8"))
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise FurnaceError(f"{path}: not valid JSON ({e}); expected a list of records (or use .jsonl)") from None
         if not isinstance(items, list):
             raise FurnaceError(f"{path}: expected a JSON list of records (or one record per line in a .jsonl file)")
-        for i, item in enumerate(items):
-            yield f"{path}[{i}]", item
-        return
-    with open(path, "rb") as f:
-        for n, raw in enumerate(f, 1):
-            if not raw.strip():
-                continue
-            try:
-                yield f"{path}:{n}", json.loads(raw.rstrip(b"\r\n"))
-            except json.JSONDecodeError as e:  # its own "line 1 column N" is this line's: say only the column
-                bad.report(f"{path}:{n}", f"malformed JSON at column {e.colno}: {e.msg}")
-            except UnicodeDecodeError as e:
-                bad.report(f"{path}:{n}", f"not UTF-8 (byte {e.start + 1} of the line)")
-
-
-def _iter_hf(source: str) -> Iterator[tuple[str, object]]:
-    name, _, split = source[3:].partition(":")
-    try:
-        import datasets
-    except ImportError:
-        raise FurnaceError(f"--data {source}: reading Hugging Face datasets needs `pip install datasets`") from None
-    try:
-        ds = datasets.load_dataset(name, split=split or "train", streaming=True)
-    except Exception as e:  # network, missing dataset, auth: the library raises many types
-        raise FurnaceError(f"--data {source}: could not open the Hugging Face dataset ({type(e).__name__}: "
-                           f"{str(e)[:160]}); it needs network, or pass local .jsonl files") from None
-    for i, row in enumerate(ds):
-        yield f"{source}[{i}]", row
+        yield from ((f"{path}[{i}]", item) for i, item in enumerate(items))
+    else:
+        with open(path, "rb") as f:
+            for n, raw in enumerate(f, 1):
+                if not raw.strip():
+                    continue
+                try:
+                    yield f"{path}:{n}", json.loads(raw.rstrip(b"\r\n"))
+                except json.JSONDecodeError as e:  # its own "line 1 column N" is this line's: say only the column
+                    bad.report(f"{path}:{n}", f"malformed JSON at column {e.colno}: {e.msg}")
+                except UnicodeDecodeError as e:
+                    bad.report(f"{path}:{n}", f"not UTF-8 (byte {e.start + 1} of the line)")
 
 
 # ---- record -> messages ----------------------------------------------------------------------------
@@ -161,31 +137,25 @@ def check_turns(msgs: list[dict], what: str = "conversation") -> list[dict]:
 
 def sft_messages(rec) -> list[dict]:
     """One SFT record (any supported format) -> messages. FurnaceError (without location) when malformed."""
-    return check_turns(_sft_messages(rec))
-
-
-def _sft_messages(rec) -> list[dict]:
     if not isinstance(rec, dict):
         raise FurnaceError(f"expected a JSON object, got {type(rec).__name__}")
-    if "conversations" in rec:
-        return _messages(rec["conversations"], "conversations")
-    if "messages" in rec:
-        return _messages(rec["messages"], "messages")
-    if "instruction" in rec or "output" in rec:
-        for k in ("instruction", "output"):
-            if not isinstance(rec.get(k), str):
-                raise FurnaceError(f"Alpaca record: '{k}' is {'missing' if k not in rec else 'not a string'}")
-        user = rec["instruction"] + (f"\n\n{rec['input']}" if rec.get("input") else "")
-        msgs = [{"role": "system", "content": rec["system"]}] if rec.get("system") else []
-        return msgs + [{"role": "user", "content": user}, {"role": "assistant", "content": rec["output"]}]
-    raise FurnaceError(f"unknown record format with keys {sorted(rec)[:6]}; expected 'conversations', 'messages' "
-                       f"or Alpaca 'instruction'/'input'/'output'")
+    key = next((k for k in ("conversations", "messages") if k in rec), None)
+    if key:
+        return check_turns(_messages(rec[key], key))
+    if "instruction" not in rec and "output" not in rec:
+        raise FurnaceError(f"unknown record format with keys {sorted(rec)[:6]}; expected 'conversations', "
+                           f"'messages' or Alpaca 'instruction'/'input'/'output'")
+    for k in ("instruction", "output"):
+        if not isinstance(rec.get(k), str):
+            raise FurnaceError(f"Alpaca record: '{k}' is {'missing' if k not in rec else 'not a string'}")
+    user = rec["instruction"] + (f"\n\n{rec['input']}" if rec.get("input") else "")
+    msgs = [{"role": "system", "content": rec["system"]}] if rec.get("system") else []
+    return check_turns(msgs + [{"role": "user", "content": user}, {"role": "assistant", "content": rec["output"]}])
 
 
-def _completion(value, key: str, prompt: list[dict]) -> list[dict]:
-    if isinstance(value, str):
-        return prompt + [{"role": "assistant", "content": value}]
-    return prompt + _messages(value, key)
+def _prompt(value, key: str, role: str = "user") -> list[dict]:
+    """A string (one `role` message) or a message list."""
+    return [{"role": role, "content": value}] if isinstance(value, str) else _messages(value, key)
 
 
 def dpo_messages(rec) -> tuple[list[dict], list[dict]]:
@@ -196,15 +166,9 @@ def dpo_messages(rec) -> tuple[list[dict], list[dict]]:
         if k not in rec:
             raise FurnaceError(f"preference record has no '{k}' (expected {{'chosen', 'rejected'}} message lists "
                                f"or TRL {{'prompt', 'chosen', 'rejected'}})")
-    if "prompt" in rec:
-        p = rec["prompt"]
-        if isinstance(p, str):
-            prompt = [{"role": "user", "content": p}]
-        else:
-            prompt = _messages(p, "prompt")
-        pair = _completion(rec["chosen"], "chosen", prompt), _completion(rec["rejected"], "rejected", prompt)
-    else:
-        pair = _messages(rec["chosen"], "chosen"), _messages(rec["rejected"], "rejected")
+    prompt = _prompt(rec["prompt"], "prompt") if "prompt" in rec else []
+    pair = tuple(prompt + (_prompt(rec[k], k, "assistant") if prompt else _messages(rec[k], k))
+                 for k in ("chosen", "rejected"))
     for k, msgs in zip(("chosen", "rejected"), pair):
         if msgs[-1]["role"] != "assistant":
             raise FurnaceError(f"'{k}' ends with a {msgs[-1]['role']!r} message; it must end with the assistant's reply")
@@ -212,3 +176,22 @@ def dpo_messages(rec) -> tuple[list[dict], list[dict]]:
     if pair[0] == pair[1]:
         raise FurnaceError("'chosen' and 'rejected' are identical: the pair prefers nothing")
     return pair
+
+
+def grpo_record(rec) -> tuple[list[dict], str, str]:
+    """{"prompt": str | [messages], "answer": ...} or {"messages": [...], "answer": ...} -> (messages for the
+    generation prompt, the last user message's text, the answer as a string)."""
+    if not isinstance(rec, dict):
+        raise FurnaceError(f"expected an object with 'prompt' (or 'messages') and 'answer', got {type(rec).__name__}")
+    if "answer" not in rec:
+        raise FurnaceError("no 'answer' (the exact answer the reward checks)")
+    ans = rec["answer"]
+    if isinstance(ans, bool) or not isinstance(ans, (str, int, float)):
+        raise FurnaceError(f"'answer' is a {type(ans).__name__}; expected a string or a number")
+    key = next((k for k in ("prompt", "messages") if k in rec), None)
+    if key is None:
+        raise FurnaceError("no 'prompt' or 'messages'")
+    msgs = _prompt(rec[key], key)
+    if msgs[-1]["role"] != "user":
+        raise FurnaceError(f"the prompt ends with a '{msgs[-1]['role']}' message; it must end with the user's turn")
+    return msgs, msgs[-1]["content"], str(ans)

@@ -1,8 +1,7 @@
 """Group Relative Policy Optimization (Shao et al. 2024, DeepSeekMath): advantages, the loss, rollouts, the task.
 
-Per optimizer step (one micro-batch shown): P prompts, G completions each, sampled from the current policy
-(infer.generation.generate_batch: all P x G rows in one KV-cached batch, inference mode), scored by the
-reward functions (sft/rewards.py), then
+Per micro-batch: P prompts, G completions each, sampled from the current policy (infer.generation.generate_batch:
+all P x G rows in one KV-cached batch), scored by the reward functions (sft/rewards.py), then
 
     A_i     = (r_i - mean(r_group)) / (std(r_group) + 1e-4)          std with Bessel's correction, as TRL
     ratio_t = exp(logp_t - old_logp_t)
@@ -10,31 +9,22 @@ reward functions (sft/rewards.py), then
     kl_t    = exp(ref_t - logp_t) - (ref_t - logp_t) - 1               the k3 estimator (Schulman), >= 0
     loss    = sum_t mask_t * (pg_t + beta * kl_t) / sum_t mask_t       over every completion token of the step
 
-Normalisation: per token over all completion tokens of the optimizer step (DAPO's "token-level" loss; TRL's
-loss_type "dapo"/"bnpo"). Every sampled token weighs the same, so a long completion's tokens are not
-down-weighted as in the original per-sequence mean (which favours short correct answers and long wrong
-ones), and it is what the Trainer's accumulation already does: count() is the batch's completion tokens,
-so micro-batches and ranks are weighted by their token counts (8 x 1 == 1 x 8).
-
---num-iterations mu: the samples of a step are reused for mu optimizer steps; their log-probs under the
-policy that sampled them (old_logp, kept at the first of those steps) make the ratio. At the first update
-of every batch old_logp == logp: ratio 1, nothing clipped (TRL does the same: old = logp.detach()).
-The reference log-probs come from a frozen copy of the --init weights (no gradients, no optimizer state:
-one more copy of the weights, not four) computed once per batch of samples; beta = 0 holds no reference.
+Why per token over the step (DAPO), --num-iterations and old_logp, the frozen reference: sft/README.md ("GRPO").
 """
 from __future__ import annotations
 
-import logging
 import time
 
 import numpy as np
 import torch
 
+from model.io import eval_mode
+from sft.dpo import token_logps
 from sft.examples import IGNORE
+from sft.packing import padded_rows
 from sft.rewards import score
 from sft.sampler import EpochSampler
 
-log = logging.getLogger("furnace")
 ADV_EPS = 1e-4
 
 
@@ -70,27 +60,10 @@ def grpo_loss(logps: torch.Tensor, old_logps: torch.Tensor, ref_logps: torch.Ten
     return loss, mets
 
 
-def token_logps(model, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """x, y (N, T): inputs and targets (IGNORE = no target) -> (N, T) float32 log p(y_t | x_<=t), 0 where
-    there is no target. Goes through model.forward (DDP / compile wrappers stay in the graph)."""
-    logits, _ = model(x)                                                       # (N, T, V)
-    lp = torch.log_softmax(logits.float(), dim=-1)                             # (N, T, V)
-    tgt = y.clamp(min=0)
-    out = lp.gather(2, tgt[..., None]).squeeze(2)                              # (N, T)
-    return out.masked_fill(y == IGNORE, 0.0)
-
-
-def rollout_rows(prompts: list[list[int]], completions: list[list[int]], pad_id: int, multiple: int = 16):
+def rollout_rows(prompts: list[list[int]], completions: list[list[int]], pad_id: int):
     """Prompt + completion per row, right-padded -> x, y (N, L); y holds the completion's tokens at the
-    positions that predict them (IGNORE elsewhere). L rounded up to `multiple` (fewer distinct shapes)."""
-    seqs = [p + c for p, c in zip(prompts, completions)]
-    L = multiple * -(-max(len(s) for s in seqs) // multiple)
-    x = torch.full((len(seqs), L), pad_id, dtype=torch.long)
-    y = torch.full((len(seqs), L), IGNORE, dtype=torch.long)
-    for i, (p, s) in enumerate(zip(prompts, seqs)):
-        x[i, :len(s)] = torch.tensor(s)
-        y[i, len(p) - 1:len(s) - 1] = torch.tensor(s[len(p):])
-    return x, y
+    positions that predict them (IGNORE elsewhere)."""
+    return padded_rows([(p + c, [IGNORE] * len(p) + c) for p, c in zip(prompts, completions)], pad_id)
 
 
 class PromptLoader:
@@ -122,9 +95,6 @@ class PromptLoader:
         self.sampler.load_state_dict(state["sampler"])
         self.calls, self.slots = int(state["calls"]), list(state["slots"])
 
-    def close(self) -> None:
-        """Nothing to release; here for the loader interface."""
-
 
 class GRPOTask:
     """The Trainer's task for GRPO (train/task.py). The loss unit is a sampled completion token. count()
@@ -140,44 +110,33 @@ class GRPOTask:
         self.G, self.max_new, self.temperature, self.top_p = num_generations, max_new_tokens, temperature, top_p
         self.beta, self.epsilon, self.stop_ids, self.seed, self.rank = beta, epsilon, tuple(stop_ids), seed, rank
         self.val, self.autocast, self.flops_per_unit = val or [], autocast, flops_per_unit
-        self.pad_id = tokenizer.eos_id
         self._sample_s, self._gen_tokens, self._train_tokens = 0.0, 0, 0
 
-    # ---- sampling and scoring --------------------------------------------------------------------------
     def _ctx(self, device):
         return self.autocast(device.type) if self.autocast else torch.autocast(device.type, enabled=False)
 
-    def sample_completions(self, prompts: list[list[int]], seeds, temperature: float) -> list[list[int]]:
+    def _complete(self, items: list, seeds, temperature: float):
+        """Completions of `items` ((prompt ids, prompt text, answer) each) -> (completions, rewards (N, K),
+        total reward (N,))."""
         from infer.generation import generate_batch
-        model = self.policy
-        was_training = model.training
-        model.eval()
-        try:
-            with self._ctx(model.embed.weight.device):
-                return generate_batch(model, prompts, self.max_new, temperature, None, self.top_p, self.stop_ids,
-                                      seeds)
-        finally:
-            model.train(was_training)
-
-    def completion_text(self, ids: list[int]) -> str:
-        return self.tok.decode([t for t in ids if t not in self.stop_ids])
+        with eval_mode(self.policy) as model, self._ctx(model.embed.weight.device):
+            comps = generate_batch(model, [it[0] for it in items], self.max_new, temperature, None, self.top_p,
+                                   self.stop_ids, seeds)
+        texts = [self.tok.decode([t for t in c if t not in self.stop_ids]) for c in comps]
+        r = torch.tensor(score(self.rewards, [it[1] for it in items], texts, [it[2] for it in items]))   # (N, K)
+        return comps, r, r @ torch.tensor([wt for _, _, wt in self.rewards])                            # (N,)
 
     def rollout(self, slot: dict) -> dict:
         """Fill `slot` ({"idx", "batch"}) with G samples per prompt, their rewards, advantages and reference
         log-probs. Seeds per row from (--seed, batch number, slot's prompts, rank): resume reproduces them."""
-        items = [self.train_loader.items[i] for i in slot["idx"]]
-        prompts = [it[0] for it in items for _ in range(self.G)]
+        items = [self.train_loader.items[i] for i in slot["idx"] for _ in range(self.G)]
         seq = np.random.SeedSequence([self.seed, slot["batch"], self.rank, *slot["idx"]])
-        seeds = seq.generate_state(len(prompts), dtype=np.uint32).tolist()
         t0 = time.perf_counter()
-        comps = self.sample_completions(prompts, seeds, self.temperature)
+        comps, r, total = self._complete(items, seq.generate_state(len(items), dtype=np.uint32).tolist(),
+                                         self.temperature)
         dt = time.perf_counter() - t0
-        texts = [self.completion_text(c) for c in comps]
-        r = torch.tensor(score(self.rewards, [it[1] for it in items for _ in range(self.G)], texts,
-                               [it[2] for it in items for _ in range(self.G)]))          # (N, K)
-        w = torch.tensor([wt for _, _, wt in self.rewards])
-        total = r @ w                                                                     # (N,)
-        x, y = rollout_rows(prompts, comps, self.pad_id)
+        prompts = [it[0] for it in items]
+        x, y = rollout_rows(prompts, comps, self.tok.eos_id)
         slot.update(x=x, y=y, rewards=r, total=total, adv=group_advantages(total, self.G),
                     comp_len=torch.tensor([float(len(c)) for c in comps]), sample_s=dt,
                     gen_tokens=sum(len(c) for c in comps), seq_tokens=sum(len(p) + len(c) for p, c in zip(prompts, comps)))
@@ -191,9 +150,7 @@ class GRPOTask:
 
     def _slot(self, batch: dict) -> dict:
         slot = self.train_loader.slots[batch["slot"]]
-        if "x" not in slot:
-            self.rollout(slot)
-        return slot
+        return slot if "x" in slot else self.rollout(slot)
 
     # ---- the task interface -------------------------------------------------------------------------
     def count(self, batch: dict) -> int:
@@ -203,7 +160,6 @@ class GRPOTask:
         slot = self._slot(batch)
         dev = self.policy.embed.weight.device
         x, y = slot["x"].to(dev), slot["y"].to(dev)
-        mask = y != IGNORE
         logps = token_logps(model, x, y)                                                   # (N, L)
         if batch["iteration"] == 0:
             old = logps.detach()
@@ -212,7 +168,7 @@ class GRPOTask:
         else:
             old = slot["old"].to(dev)
         ref = slot["ref"].to(dev) if "ref" in slot else None
-        loss, mets = grpo_loss(logps, old, ref, slot["adv"].to(dev), mask, self.beta, self.epsilon)
+        loss, mets = grpo_loss(logps, old, ref, slot["adv"].to(dev), y != IGNORE, self.beta, self.epsilon)
         self._train_tokens += slot["seq_tokens"]                                           # prompt + completion
         r, total = slot["rewards"], slot["total"]
         mets.update(reward=total.mean().item(), reward_std=total.std().item(), completion_len=slot["comp_len"].mean().item())
@@ -226,9 +182,8 @@ class GRPOTask:
         out = {}
         if self._sample_s > 0:
             out.update(sample_tok_s=self._gen_tokens / self._sample_s, sample_s=self._sample_s)
-        train_s = step_s - self._sample_s
-        if train_s > 0 and self._train_tokens:
-            out["train_tok_s"] = self._train_tokens / train_s
+        if step_s - self._sample_s > 0 and self._train_tokens:
+            out["train_tok_s"] = self._train_tokens / (step_s - self._sample_s)
         self._sample_s, self._gen_tokens, self._train_tokens = 0.0, 0, 0
         return out
 
@@ -237,11 +192,6 @@ class GRPOTask:
         """Greedy replies to the held-out prompts: mean reward per function and in total (val_reward)."""
         if not self.val:
             return {}
-        comps = self.sample_completions([v[0] for v in self.val], None, 0.0)
-        texts = [self.completion_text(c) for c in comps]
-        r = torch.tensor(score(self.rewards, [v[1] for v in self.val], texts, [v[2] for v in self.val]))
-        w = torch.tensor([wt for _, _, wt in self.rewards])
-        out = {"val_reward": (r @ w).mean().item()}
-        for k, (name, _, _) in enumerate(self.rewards):
-            out[f"val_reward_{name}"] = r[:, k].mean().item()
-        return out
+        _, r, total = self._complete(self.val, None, 0.0)
+        return {"val_reward": total.mean().item(), **{f"val_reward_{name}": r[:, k].mean().item()
+                                                      for k, (name, _, _) in enumerate(self.rewards)}}

@@ -19,8 +19,6 @@ from kernels.common import FurnaceError, run_cli  # noqa: E402
 
 log = logging.getLogger("furnace")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_meta.json", "chat_template.json")
-
-
 DTYPES = {"base": None, "fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 
@@ -45,9 +43,8 @@ def merge_checkpoint(ckpt, out, dtype: str = "base") -> Path:
         model = model.to(getattr(torch, DTYPES[dtype]))
     with atomic_dir(out) as tmp:
         save(model, tmp)
-        for name in TOKENIZER_FILES:
-            if (src / name).is_file():
-                shutil.copy2(src / name, tmp / name)
+        for name in (n for n in TOKENIZER_FILES if (src / n).is_file()):
+            shutil.copy2(src / name, tmp / name)
     return out
 
 
@@ -61,9 +58,7 @@ def main(argv=None):
                    help="precision of the merged weights (merging itself is done in fp32); base = the base "
                         "checkpoint's own dtype; default: base")
     args = p.parse_args(argv)
-    out = merge_checkpoint(args.ckpt, args.out, args.dtype)
-    log.info(f"merged {args.ckpt} -> {out}")
-    return 0
+    log.info(f"merged {args.ckpt} -> {merge_checkpoint(args.ckpt, args.out, args.dtype)}")
 
 
 if __name__ == "__main__":

@@ -1,14 +1,10 @@
 """Packed SFT batches: whole examples laid end to end in fixed-length rows, with document masking.
 
-Each row holds seq_len positions. An example of L tokens takes L positions; its targets are its labels
-shifted left by one, and its last position gets no target (-100), so no label ever reaches into the next
-example. `doc_ids` (B, T) numbers the examples of a row (padding gets its own id); the model's attention
-then never crosses an example boundary (document masking, model/attention.py). RoPE is relative, so no
-position reset is needed: a packed example gets exactly the logits it would get alone (tested).
-
-Rows are planned per epoch: examples in the order of sft/sampler.py (seeded per epoch), placed greedily
-(an example that does not fit ends the row; the rest is padding); the sampler deals rows to ranks and
-carries the resume position.
+An example's targets are its labels shifted left by one and its last position predicts nothing (-100), so no
+label reaches into the next example; `doc_ids` (B, T) numbers the examples of a row (padding gets its own id)
+and attention never crosses an example (model/attention.py). Rows are planned per epoch, greedily, in the
+order of sft/sampler.py, which deals them to ranks and carries the resume position. Why no position reset
+and how the loss is normalised: sft/README.md ("Packing").
 """
 from __future__ import annotations
 
@@ -21,20 +17,14 @@ from sft.sampler import EpochSampler, SamplerLoader
 
 def plan_rows(lengths: list[int], seq_len: int, order) -> list[list[int]]:
     """Greedy packing of examples (taken in `order`) into rows of at most seq_len tokens."""
-    rows: list[list[int]] = []
-    cur: list[int] = []
+    rows: list[list[int]] = [[]]
     used = 0
     for i in order:
-        n = lengths[i]
-        if n > seq_len:
-            raise ValueError(f"example {i} has {n} tokens > seq_len {seq_len} (build_sft_example enforces max_len)")
-        if used + n > seq_len:
-            rows.append(cur)
-            cur, used = [], 0
-        cur.append(int(i))
-        used += n
-    if cur:
-        rows.append(cur)
+        if used + lengths[i] > seq_len and rows[-1]:  # (build_sft_example keeps every example <= seq_len)
+            rows.append([])
+            used = 0
+        rows[-1].append(int(i))
+        used += lengths[i]
     return rows
 
 
@@ -53,6 +43,15 @@ def pack_row(examples: list[tuple[list[int], list[int]]], seq_len: int, pad_id: 
     return x, y, doc
 
 
+def padded_rows(examples: list[tuple[list[int], list[int]]], pad_id: int, max_len: int | None = None,
+                multiple: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
+    """One example per row -> x, y (N, L) int64; L = the longest example rounded up to `multiple` (fewer
+    distinct shapes), at most max_len."""
+    L = multiple * -(-max(len(ids) for ids, _ in examples) // multiple)
+    rows = [pack_row([e], min(L, max_len or L), pad_id) for e in examples]
+    return tuple(torch.from_numpy(np.stack([r[k] for r in rows])) for k in (0, 1))
+
+
 class PackedSFTLoader(SamplerLoader):
     """next_batch() -> (x, y, doc_ids), each (batch_size, seq_len) int64 on `device`.
     shuffle=False gives a fixed order (validation); reset() starts it again."""
@@ -60,8 +59,6 @@ class PackedSFTLoader(SamplerLoader):
     def __init__(self, examples: list[tuple[list[int], list[int]]], batch_size: int, seq_len: int, pad_id: int,
                  seed: int = 0, shuffle: bool = True, rank: int = 0, world_size: int = 1,
                  device: torch.device | str = "cpu"):
-        if not examples:
-            raise ValueError("PackedSFTLoader needs at least one example")
         self.examples, self.B, self.T, self.pad_id = examples, batch_size, seq_len, pad_id
         self.device = torch.device(device)
         self.lengths = [len(ids) for ids, _ in examples]

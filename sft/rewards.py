@@ -1,17 +1,9 @@
-"""GRPO's rewards and its offline default task.
-
-A reward is a plain callable `reward(prompt: str, completion: str, answer: str) -> float`: `prompt` is the
-last user message, `completion` the sampled reply (without its <|im_end|>), `answer` the record's answer.
-`--reward name[:weight],...` picks them: a built-in name or `package.module.function` (an importable
-Python function of the user's). The total reward of a completion is the weighted sum.
-
-Built in:
-    format   1.0 when the reply is `<think>...</think>` followed by a non-empty answer (DeepSeek-R1's format
-             reward), else 0.0
-    answer   1.0 when the reply's final answer equals the record's answer exactly, else 0.0. The final
-             answer is the text after the last `</think>` (the whole reply without one); when it contains a
-             number, its last number (so "7", "= 7" and "the answer is 7" all answer "7"), else the text
-             stripped. Compared as strings after stripping.
+"""GRPO's rewards and its offline default task. A reward is a plain callable `reward(prompt, completion, answer)
+-> float` (the last user message, the sampled reply without <|im_end|>, the record's answer); `--reward
+name[:weight],...` picks built-in ones or `package.module.function`; a completion's total is the weighted sum.
+Built in: `format` (1 for `<think>...</think>` then a non-empty answer, DeepSeek-R1's format reward) and
+`answer` (1 when the final answer, the last number after the last `</think>` or else the stripped text,
+equals the record's answer as a string).
 """
 from __future__ import annotations
 
@@ -49,9 +41,7 @@ DEFAULT_REWARDS = "answer:1,format:0.5"
 def parse_rewards(spec: str) -> list[tuple[str, Reward, float]]:
     """'answer:1,format:0.5' -> [(name, function, weight), ...]; FurnaceError naming the bad part."""
     out = []
-    for part in (p.strip() for p in spec.split(",")):
-        if not part:
-            continue
+    for part in filter(None, (p.strip() for p in spec.split(","))):
         name, _, w = part.partition(":")
         try:
             weight = float(w) if w else 1.0
@@ -138,9 +128,5 @@ def arithmetic_conversations(n: int, seed: int) -> list[list[dict]]:
     `<think>` format and final answer that the format and answer rewards score 1.0."""
     _, train_probs, _ = _split_problems(ARITH_SEED)
     rng = random.Random(seed)
-    out = []
-    for _ in range(n):
-        prompt, answer = rng.choice(train_probs)
-        out.append([{"role": "user", "content": prompt},
-                    {"role": "assistant", "reasoning": f"{prompt[8:-1]} = {answer}", "content": answer}])
-    return out
+    return [[{"role": "user", "content": p}, {"role": "assistant", "reasoning": f"{p[8:-1]} = {a}", "content": a}]
+            for p, a in (rng.choice(train_probs) for _ in range(n))]

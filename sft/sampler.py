@@ -1,9 +1,9 @@
-"""One epoch sampler for list-based datasets (SFT examples, DPO pairs; next: GRPO prompts).
+"""One epoch sampler for list-based datasets (SFT's packed rows, DPO's pairs, GRPO's prompts).
 
-Epoch e visits the items in a seeded random order (seed + e; the list order when shuffle=False). `group`
-may turn that order into units (SFT: packed rows of several examples); by default a unit is one item.
-Units are dealt to ranks round-robin (a rank left without one reuses the first). The state is
-(epoch, position): the order is recomputed from the seed, so a resumed run continues exactly.
+Epoch e visits the items in a seeded random order (seed + e; the list order when shuffle=False); `group` may
+turn that order into units (SFT: packed rows of several examples), by default one item each. Units are dealt
+to ranks round-robin (a rank left without one reuses the first). The state is (epoch, position): the order
+is recomputed from the seed, so a resumed run continues exactly.
 """
 from __future__ import annotations
 
@@ -44,9 +44,6 @@ class EpochSampler:
     def load_state_dict(self, state: dict) -> None:
         self.epoch, self.pos = int(state["epoch"]), int(state["pos"])
 
-    def reset(self) -> None:
-        self.epoch, self.pos = 0, 0
-
 
 class SamplerLoader:
     """What the list-based loaders (SFT's packed rows, DPO's pairs) share: `self.sampler` (an EpochSampler)
@@ -64,7 +61,4 @@ class SamplerLoader:
         self.sampler.load_state_dict(state)
 
     def reset(self) -> None:
-        self.sampler.reset()
-
-    def close(self) -> None:
-        """Nothing to release (no threads); here for the loader interface."""
+        self.sampler.epoch, self.sampler.pos = 0, 0

@@ -15,7 +15,7 @@ if __package__ in (None, ""):  # run as a file: put the repo root on sys.path
 import argparse  # noqa: E402
 import logging  # noqa: E402
 
-from kernels.common import FurnaceError, run_cli  # noqa: E402
+from kernels.common import EXIT_INTERRUPTED, FurnaceError, run_cli  # noqa: E402
 from train.options import add_arguments, options_from_args  # noqa: E402
 
 log = logging.getLogger("furnace")
@@ -26,7 +26,8 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(ap)
     g = ap.add_argument_group("distillation")
-    g.add_argument("--teacher", required=True, help="teacher checkpoint or run folder, trained with the same tokenizer (required)")
+    g.add_argument("--teacher", required=True,
+                   help="teacher checkpoint or run folder, trained with the same tokenizer (required)")
     g.add_argument("--alpha", type=float, default=0.5, help="weight of the KL term, in [0, 1] (default: 0.5)")
     g.add_argument("--temperature", type=float, default=2.0, help="softmax temperature T > 0 (default: 2)")
     g.add_argument("--teacher-dtype", choices=TEACHER_DTYPES, default="auto",
@@ -39,16 +40,11 @@ def main(argv=None):
         raise FurnaceError(f"--temperature {args.temperature}: expected > 0 (e.g. 2)")
     if not (opts.init or opts.preset):
         raise FurnaceError("the student: pass --init CKPT (a trained student) or --preset NAME (a fresh one)")
-    run(opts, args)
-
-
-def run(opts, args) -> dict:
-    import torch
-
     from data import check_tokenizer_match, load_tokenizer
     from model.flops import flops_per_token
     from model.io import load, resolve_checkpoint
-    from sft.distill import DistillTask, check_teacher
+    from sft.distill import DistillTask
+    from train.precision import DTYPES
     from train.pretrain import build
     from train.setup import init_runtime
 
@@ -58,15 +54,15 @@ def run(opts, args) -> dict:
                            f"student's data; copy the teacher's tokenizer.json into that folder")
     teacher_sha = load_tokenizer(teacher_ckpt).sha256
     with init_runtime(opts) as rt:
-        dt = args.teacher_dtype
-        if dt == "auto":
-            dt = "bf16" if rt.device.type == "cuda" else "fp32"
-        dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dt]
+        dt = args.teacher_dtype if args.teacher_dtype != "auto" else "bf16" if rt.device.type == "cuda" else "fp32"
 
         def make_task(loader, val, eval_batches, model, data_dir):
             check_tokenizer_match(loader.tokenizer_sha256, teacher_sha, f"data {data_dir}", f"--teacher {teacher_ckpt}")
-            teacher = load(teacher_ckpt, device=rt.device, dtype=dtype)
-            check_teacher(teacher, model.config.vocab_size, str(teacher_ckpt))
+            teacher = load(teacher_ckpt, device=rt.device, dtype=DTYPES[dt])
+            if teacher.config.vocab_size != model.config.vocab_size:
+                raise FurnaceError(f"--teacher {teacher_ckpt}: vocabulary of {teacher.config.vocab_size} rows, the "
+                                   f"student has {model.config.vocab_size}; teacher and student must share the "
+                                   f"tokenizer and vocab size")
             log.info(f"distillation: teacher {teacher_ckpt} ({teacher.num_params() / 1e6:.2f}M params, {dt}, "
                      f"inference mode) -> student {model.num_params() / 1e6:.2f}M; alpha {args.alpha}, "
                      f"T {args.temperature}")
@@ -77,7 +73,7 @@ def run(opts, args) -> dict:
         record["distill"] = {"teacher": str(teacher_ckpt), "alpha": args.alpha, "temperature": args.temperature,
                              "teacher_dtype": dt}
         try:
-            return trainer.run(record)
+            return EXIT_INTERRUPTED if trainer.run(record).get("interrupted") else 0
         finally:
             trainer.task.train_loader.close()
             trainer.task.val_loader.close()

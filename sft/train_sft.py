@@ -13,18 +13,15 @@ if __package__ in (None, ""):  # run as a file: put the repo root on sys.path
 
 import logging  # noqa: E402
 
-from kernels.common import EXIT_INTERRUPTED, run_cli  # noqa: E402
+from kernels.common import run_cli  # noqa: E402
 from sft.common import parse, run  # noqa: E402
 
 log = logging.getLogger("furnace")
 
 
 def main(argv=None):
-    opts, ft = parse("sft", __doc__, argv)
-    summary = run(opts, ft, sft_task)
-    if summary.get("interrupted"):
-        return EXIT_INTERRUPTED
-    log.info(f"then DPO: python sft/train_dpo.py --init {opts.out}")
+    opts, ft, _ = parse("sft", __doc__, argv)
+    return run(opts, ft, sft_task)
 
 
 def sft_task(opts, ft, rt, job):
