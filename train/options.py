@@ -13,10 +13,6 @@ from pathlib import Path
 from model.config import KERNEL_IMPLS, PRESETS
 from kernels.common import FurnaceError
 
-SCHEDULES = ("cosine", "wsd", "constant")
-DTYPES = ("bf16", "fp16", "fp32")
-FP8_BACKENDS = ("auto", "te", "torchao")
-
 
 def _opt(default, group: str, help: str):
     """A TrainOptions field with its --help line (what it does, its unit, its default in words) and group."""
@@ -98,8 +94,10 @@ class TrainOptions:
 # "--resume with a lower --lr". weight_decay stays: the optimizer state restores it.
 RUN_DEFINING = ("preset", "data", "batch_size", "seq_len", "grad_accum", "weight_decay", "seed", "fp8", "init")
 
-_CHOICES = {"schedule": SCHEDULES, "dtype": DTYPES + ("",), "fp8_backend": FP8_BACKENDS, "kernels": KERNEL_IMPLS,
-            "preset": tuple(PRESETS) + ("",), "rope_scaling": ("", "none", "linear", "ntk", "yarn")}
+# The values a str option accepts ("": the device's default, not offered as a flag value).
+_CHOICES = {"schedule": ("cosine", "wsd", "constant"), "dtype": ("", "bf16", "fp16", "fp32"), "kernels": KERNEL_IMPLS,
+            "fp8_backend": ("auto", "te", "torchao"), "preset": ("", *PRESETS),
+            "rope_scaling": ("", "none", "linear", "ntk", "yarn")}
 
 
 def read_config_file(path: str) -> dict:
