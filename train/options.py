@@ -186,8 +186,7 @@ def check_file_value(path: str, key: str, value, typ: str):
 def options_from_args(args: argparse.Namespace, defaults: TrainOptions | None = None) -> TrainOptions:
     """defaults < --config FILE < flags given, type- and range-checked; errors name the flag, or the file
     and key a value came from."""
-    values = (defaults or TrainOptions()).to_dict()
-    origin: dict[str, str] = {}
+    values, file_vals = (defaults or TrainOptions()).to_dict(), {}
     if getattr(args, "config", None):
         file_vals = read_config_file(args.config)
         unknown = sorted(set(file_vals) - set(values))
@@ -198,16 +197,10 @@ def options_from_args(args: argparse.Namespace, defaults: TrainOptions | None = 
             raise FurnaceError(f"--config {args.config}: {', '.join(refused)} is not an option of this command; "
                                f"remove it from the file")
         types = {f.name: f.type for f in dataclasses.fields(TrainOptions)}
-        for k, v in file_vals.items():
-            values[k] = check_file_value(args.config, k, v, types[k])
-            origin[k] = f"--config {args.config}: {k}"
-    for k in values:
-        v = getattr(args, k, None)
-        if v is not None:
-            values[k] = v
-            origin.pop(k, None)
-    opts = TrainOptions(**values)
-    validate(opts, origin)
+        file_vals = {k: check_file_value(args.config, k, v, types[k]) for k, v in file_vals.items()}
+    flags = {k: getattr(args, k) for k in values if getattr(args, k, None) is not None}
+    opts = TrainOptions(**{**values, **file_vals, **flags})
+    validate(opts, {k: f"--config {args.config}: {k}" for k in file_vals if k not in flags})
     return opts
 
 
