@@ -73,10 +73,8 @@ def _encode(obj, tensors: dict, where: str):
         return {"__tuple__": [_encode(v, tensors, where) for v in obj]}
     if isinstance(obj, list):
         return [_encode(v, tensors, where) for v in obj]
-    if isinstance(obj, np.integer):
-        return int(obj)
-    if isinstance(obj, np.floating):
-        return float(obj)
+    if isinstance(obj, (np.integer, np.floating)):
+        return obj.item()
     if obj is None or isinstance(obj, (bool, int, float, str)):
         return obj
     raise TypeError(f"trainer state: {where} holds a {type(obj).__name__}, which a checkpoint cannot store")
@@ -137,9 +135,8 @@ def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, state: dic
     state and EMA (about two thirds of their size; their checksums.json is rewritten) and keep their weights:
     loadable, no longer resumable."""
     ck_root = run_dir / "checkpoints"
-    ck_root.mkdir(parents=True, exist_ok=True)
     final = ck_root / f"step_{step:08d}"
-    with atomic_dir(final) as tmp:  # re-saving the same step (Ctrl-C right after a periodic save) replaces it
+    with atomic_dir(final) as tmp:  # creates ck_root; re-saving a step (Ctrl-C right after a periodic save) replaces it
         save_model(model, tmp)
         if tokenizer_dir is not None:
             for name in ("tokenizer.json", "tokenizer_meta.json", "chat_template.json"):
@@ -149,8 +146,7 @@ def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, state: dic
         if ema is not None:
             save_file({k: v.detach().cpu().contiguous() for k, v in ema.items()}, str(tmp / "ema.safetensors"))
         write_checksums(tmp)
-    done = sorted((p for p in ck_root.iterdir() if p.is_dir() and checkpoint_step(p) is not None),
-                  key=checkpoint_step)
+    done = sorted((p for p in ck_root.iterdir() if p.is_dir() and checkpoint_step(p) is not None), key=checkpoint_step)
     for old in done[:-keep_last]:
         shutil.rmtree(old)
     if weights_only_older:
@@ -189,10 +185,10 @@ def lock_run_dir(run_dir: Path, claim: bool = True) -> None:
     """Take RUN/.lock (an exclusive flock) or refuse at once naming the holder; with `claim`, write 'pid host'
     into it. The kernel drops a flock when its process dies, so a lock left by a killed run is taken over."""
     import fcntl
-    key = run_dir.resolve()
     if os.environ.get("RANK", "0") != "0":  # only rank 0 writes the folder
         return
-    if key not in _HELD:
+    fd = _HELD.get(run_dir.resolve())
+    if fd is None:
         run_dir.mkdir(parents=True, exist_ok=True)
         fd = os.open(run_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
         try:
@@ -202,8 +198,7 @@ def lock_run_dir(run_dir: Path, claim: bool = True) -> None:
             os.close(fd)
             raise FurnaceError(f"--out {run_dir} is in use by a running job ({holder}, see {run_dir / LOCK_FILE}); "
                                f"wait for it to finish, stop it, or choose another --out") from None
-        _HELD[key] = fd
-    fd = _HELD[key]
+        _HELD[run_dir.resolve()] = fd
     me = f"pid {os.getpid()} host {socket.gethostname()}\n"
     old = os.pread(fd, 200, 0).decode(errors="replace")
     if claim and old != me:
@@ -237,10 +232,8 @@ def check_out_dir(run_dir: Path, sections: dict[str, tuple[dict, tuple[str, ...]
 
 
 def _check_out_dir(run_dir: Path, sections: dict, resume: bool) -> Path | None:
-    cfg_file = run_dir / "config.json"
-    has_run = cfg_file.is_file() or (run_dir / "checkpoints").is_dir()
-    ckpt = latest_checkpoint(run_dir)
-    ck_dir = run_dir / "checkpoints"
+    cfg_file, ck_dir, ckpt = run_dir / "config.json", run_dir / "checkpoints", latest_checkpoint(run_dir)
+    has_run = cfg_file.is_file() or ck_dir.is_dir()
     kept = sorted(p.name for p in ck_dir.iterdir() if not p.name.startswith(".tmp-")) if ck_dir.is_dir() else []
     if ckpt is None and kept:  # step folders, none complete: never deleted, a person must look
         raise FurnaceError(f"--out {run_dir}: {ck_dir} holds {', '.join(kept[:3])} but no complete checkpoint "

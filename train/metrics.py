@@ -22,14 +22,12 @@ class MetricsLog:
     """Rank 0 only. Appends to OUT/metrics.jsonl; mirrors to wandb when enabled."""
 
     def __init__(self, run_dir: Path, enabled: bool, wandb_run=None):
-        self.path = run_dir / "metrics.jsonl"
-        self.enabled = enabled
-        self.wandb = wandb_run
+        self.path, self.wandb = run_dir / "metrics.jsonl", wandb_run
         self._f = open(self.path, "a") if enabled else None
         self.last: dict = {}  # the last training-step record (for the summary)
 
     def write(self, record: dict) -> None:
-        if not self.enabled:
+        if self._f is None:
             return
         rec = {k: (round(v, 6) if isinstance(v, float) else v) for k, v in record.items() if v is not None}
         if "loss" in rec:
@@ -60,18 +58,6 @@ def format_step(rec: dict, extra: tuple[str, ...] = (), unit: str = "tok") -> st
     return " | ".join(parts)
 
 
-def init_wandb(opts, run_dir: Path, run_id: str | None, config: dict):
-    """Start or resume (same id) a wandb run; honours WANDB_MODE=offline. Returns (run, id)."""
-    try:
-        import wandb
-    except ImportError:
-        from kernels.common import FurnaceError  # noqa: PLC0415
-        raise FurnaceError("--wandb needs the wandb package: pip install wandb (or pip install -e '.[log]')") from None
-    run = wandb.init(project=opts.wandb_project, id=run_id, resume="allow", dir=str(run_dir),
-                     config=config, name=run_dir.name)
-    return run, run.id
-
-
 # The panels of OUT/loss.png: (title, [(metrics.jsonl key, label, drawn with markers: an evaluation)]).
 # A panel is drawn when any of its keys was logged (DPO's reward panels, for instance).
 PANELS = (("loss", [("loss", "train", False), ("val_loss", "val", True)]),
@@ -82,10 +68,8 @@ PANELS = (("loss", [("loss", "train", False), ("val_loss", "val", True)]),
 
 
 def plot_losses(run_dir: Path, panels=PANELS, name: str = "loss.png") -> Path | None:
-    """OUT/<name> (OUT/loss.png by default) from metrics.jsonl when matplotlib is present: one panel per entry
-    of `panels` that has a logged key (by default loss (train and validation), the task's own metrics (DPO:
-    reward accuracy and margin), learning rate and throughput; GRPO passes its reward panels for
-    OUT/reward.png), against the step."""
+    """OUT/<name> from metrics.jsonl, when matplotlib is present: one panel per entry of `panels` with a logged
+    key, against the step (GRPO passes its reward panels for OUT/reward.png)."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -93,19 +77,17 @@ def plot_losses(run_dir: Path, panels=PANELS, name: str = "loss.png") -> Path | 
     except ImportError:
         log.info("loss plot skipped: matplotlib not installed (pip install matplotlib)")
         return None
-    series: dict[str, tuple[list, list]] = {}
+    series: dict[str, list[tuple]] = {}  # key -> [(step, value)]
     for ln in (run_dir / "metrics.jsonl").read_text().splitlines():
         r = json.loads(ln)
         for k, v in r.items():
             if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool):
-                xs, ys = series.setdefault(k, ([], []))
-                xs.append(r["step"]); ys.append(v)
-    panels = [(t, [c for c in curves if c[0] in series]) for t, curves in panels]
-    panels = [(t, c) for t, c in panels if c]
+                series.setdefault(k, []).append((r["step"], v))
+    panels = [(t, logged) for t, curves in panels if (logged := [c for c in curves if c[0] in series])]
     fig, axes = plt.subplots(len(panels), 1, figsize=(7, 2.4 * len(panels)), sharex=True, squeeze=False)
     for ax, (title, curves) in zip(axes[:, 0], panels):
         for key, label, markers in curves:
-            ax.plot(*series[key], "o-" if markers else "-", label=label, lw=1, ms=3)
+            ax.plot(*zip(*series[key]), "o-" if markers else "-", label=label, lw=1, ms=3)
         ax.set_title(title, fontsize=9, loc="left"); ax.grid(alpha=0.3)
         if len(curves) > 1:
             ax.legend(fontsize=8)
@@ -146,19 +128,6 @@ def summary_lines(s: dict) -> list[str]:
     return lines
 
 
-def versions(extra: tuple[str, ...] = ()) -> dict:
-    """Installed versions of the libraries that decide speed and numerics, read from package metadata: nothing
-    is imported (importing triton maps a ~650 MB library into the process and would count in a bench's RSS)."""
-    from importlib.metadata import PackageNotFoundError, version
-    v = {"python": platform.python_version(), "torch": torch.__version__}
-    for pkg in ("triton", "transformer-engine", "torchao", "liger-kernel", "flash-attn", "numpy", "tokenizers", *extra):
-        try:
-            v[pkg] = version(pkg)
-        except PackageNotFoundError:
-            v[pkg] = None
-    return v
-
-
 def _git(*args: str) -> str | None:
     try:
         out = subprocess.run(["git", "-C", str(REPO), *args], capture_output=True, text=True, timeout=10)
@@ -167,29 +136,33 @@ def _git(*args: str) -> str | None:
     return out.stdout.strip() if out.returncode == 0 else None
 
 
-def cpu_name() -> str:
-    try:
-        return next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
-                     if ln.startswith("model name")), platform.processor())
-    except OSError:
-        return platform.processor()
-
-
-def device_description(device: torch.device) -> str:
-    if device.type == "cuda":
-        from model.flops import device_peak_name  # noqa: PLC0415
-        name = torch.cuda.get_device_name(device)
-        cc = torch.cuda.get_device_capability(device)
-        return f"{name} (cc {cc[0]}.{cc[1]}, peak row: {device_peak_name(name)})"
-    return f"cpu ({os.cpu_count()} logical cores, {torch.get_num_threads()} threads)"
-
-
 def run_record(device: torch.device | str = "cpu", extra_versions: tuple[str, ...] = ()) -> dict:
     """Where a number or a checkpoint came from: device, CPU, library versions, git commit and whether the tree
-    had uncommitted changes, the date, and the load average (other processes slow CPU timings)."""
+    had uncommitted changes, the date, and the load average (other processes slow CPU timings). Versions come
+    from package metadata: nothing is imported (importing triton maps a ~650 MB library into the process and
+    would count in a bench's RSS)."""
+    from importlib.metadata import PackageNotFoundError, version
+    device = torch.device(device)
+    if device.type == "cuda":
+        from model.flops import device_peak_name  # noqa: PLC0415
+        name, cc = torch.cuda.get_device_name(device), torch.cuda.get_device_capability(device)
+        desc = f"{name} (cc {cc[0]}.{cc[1]}, peak row: {device_peak_name(name)})"
+    else:
+        desc = f"cpu ({os.cpu_count()} logical cores, {torch.get_num_threads()} threads)"
+    versions = {"python": platform.python_version(), "torch": torch.__version__}
+    for pkg in ("triton", "transformer-engine", "torchao", "liger-kernel", "flash-attn", "numpy", "tokenizers",
+                *extra_versions):
+        try:
+            versions[pkg] = version(pkg)
+        except PackageNotFoundError:
+            versions[pkg] = None
+    try:
+        cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
+                    if ln.startswith("model name")), platform.processor())
+    except OSError:
+        cpu = platform.processor()
     status = _git("status", "--porcelain", "--untracked-files=no")
-    return {"device": device_description(torch.device(device)), "cpu": cpu_name(),
-            "versions": versions(extra_versions), "git_commit": _git("rev-parse", "HEAD") or None,
+    return {"device": desc, "cpu": cpu, "versions": versions, "git_commit": _git("rev-parse", "HEAD") or None,
             "git_dirty": None if status is None else bool(status),
             "date_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
             "load_avg_1m": os.getloadavg()[0]}

@@ -13,10 +13,6 @@ from pathlib import Path
 from model.config import KERNEL_IMPLS, PRESETS
 from kernels.common import FurnaceError
 
-SCHEDULES = ("cosine", "wsd", "constant")
-DTYPES = ("bf16", "fp16", "fp32")
-FP8_BACKENDS = ("auto", "te", "torchao")
-
 
 def _opt(default, group: str, help: str):
     """A TrainOptions field with its --help line (what it does, its unit, its default in words) and group."""
@@ -47,8 +43,7 @@ class TrainOptions:
     wsd_decay: float = _opt(0.2, "optimisation", "fraction of the steps spent decaying with --schedule wsd; "
                             "default: 0.2")
     weight_decay: float = _opt(0.1, "optimisation", "AdamW weight decay (matrices only); default: 0.1")
-    grad_clip: float = _opt(1.0, "optimisation", "clip the global gradient norm to this; 0 = no clipping; "
-                            "default: 1.0")
+    grad_clip: float = _opt(1.0, "optimisation", "clip the global gradient norm to this; 0 = no clipping; default: 1.0")
     z_loss: float = _opt(0.0, "optimisation", "weight of the z-loss (log-softmax normaliser squared) that keeps "
                          "logits small, e.g. 1e-4; default: 0 (off)")
     seed: int = _opt(1337, "optimisation", "seed for initial weights and data order; default: 1337")
@@ -78,8 +73,7 @@ class TrainOptions:
     wandb: bool = _opt(False, "logging", "log to Weights & Biases (WANDB_MODE=offline works); default: off")
     wandb_project: str = _opt("furnace", "logging", "wandb project name; default: furnace")
     init: str = _opt("", "model", "start from these weights (checkpoint or run folder); default: random init")
-    rope_scaling: str = _opt("", "model", "with --init: extend the context (none | linear | ntk | yarn); "
-                             "default: none")
+    rope_scaling: str = _opt("", "model", "with --init: extend the context (none | linear | ntk | yarn); default: none")
     rope_factor: float = _opt(0.0, "model", "context extension factor for --rope-scaling; default: 0 = 2.0")
     peak_tflops: float = _opt(0.0, "logging", "dense BF16 peak of this device in TFLOP/s, for MFU; "
                               "default: 0 = the known device's figure")
@@ -100,8 +94,10 @@ class TrainOptions:
 # "--resume with a lower --lr". weight_decay stays: the optimizer state restores it.
 RUN_DEFINING = ("preset", "data", "batch_size", "seq_len", "grad_accum", "weight_decay", "seed", "fp8", "init")
 
-_CHOICES = {"schedule": SCHEDULES, "dtype": DTYPES + ("",), "fp8_backend": FP8_BACKENDS,
-            "kernels": KERNEL_IMPLS, "preset": tuple(PRESETS) + ("",), "rope_scaling": ("", "none", "linear", "ntk", "yarn")}
+# The values a str option accepts ("": the device's default, not offered as a flag value).
+_CHOICES = {"schedule": ("cosine", "wsd", "constant"), "dtype": ("", "bf16", "fp16", "fp32"), "kernels": KERNEL_IMPLS,
+            "fp8_backend": ("auto", "te", "torchao"), "preset": ("", *PRESETS),
+            "rope_scaling": ("", "none", "linear", "ntk", "yarn")}
 
 
 def read_config_file(path: str) -> dict:
@@ -109,24 +105,20 @@ def read_config_file(path: str) -> dict:
     p = Path(path)
     if not p.is_file():
         raise FurnaceError(f"--config {path}: no such file")
-    text = p.read_text()
+    if p.suffix not in (".json", ".yaml", ".yml", ".toml"):
+        raise FurnaceError(f"--config {path}: expected a .json, .yaml/.yml or .toml file")
+    if p.suffix in (".yaml", ".yml"):
+        try:
+            import yaml
+        except ImportError:
+            raise FurnaceError(f"--config {path}: reading YAML needs PyYAML (pip install pyyaml)") from None
     try:
-        if p.suffix == ".json":
-            raw = json.loads(text)
-        elif p.suffix in (".yaml", ".yml"):
-            try:
-                import yaml
-            except ImportError:
-                raise FurnaceError(f"--config {path}: reading YAML needs PyYAML (pip install pyyaml)") from None
-            raw = yaml.safe_load(text)
-        elif p.suffix == ".toml":
+        if p.suffix == ".toml":
             import tomllib
-            raw = tomllib.loads(text)
+            raw = tomllib.loads(p.read_text())
         else:
-            raise FurnaceError(f"--config {path}: expected a .json, .yaml/.yml or .toml file")
-    except FurnaceError:
-        raise
-    except Exception as e:  # parser errors of three libraries
+            raw = json.loads(p.read_text()) if p.suffix == ".json" else yaml.safe_load(p.read_text())
+    except Exception as e:  # parser errors of three libraries, or a file that is not text
         raise FurnaceError(f"--config {path}: could not parse ({type(e).__name__}: {e})") from None
     if not isinstance(raw, dict):
         raise FurnaceError(f"--config {path}: expected a mapping of option names to values")
@@ -140,7 +132,6 @@ def add_arguments(ap: argparse.ArgumentParser, defaults: TrainOptions | None = N
     `help_overrides`: a command's own help line for a field whose default it changes. Defaults are applied
     later so that --config values are overridden only by flags the user actually gave. Returns the groups
     (name -> argparse group) so a command can add its own flags to one."""
-    help_overrides = help_overrides or {}
     ap.add_argument("--config", metavar="FILE",
                     help="JSON/YAML/TOML file of these options (names with - or _); flags given override it; "
                          "examples in configs/; default: none")
@@ -148,16 +139,13 @@ def add_arguments(ap: argparse.ArgumentParser, defaults: TrainOptions | None = N
     for f in dataclasses.fields(TrainOptions):
         if f.name in exclude:
             continue
-        flag = "--" + f.name.replace("_", "-")
-        g = groups[f.metadata["group"]]
-        text = help_overrides.get(f.name) or f.metadata["help"]
-        if f.type in ("bool", bool):
+        flag, g = "--" + f.name.replace("_", "-"), groups[f.metadata["group"]]
+        text = (help_overrides or {}).get(f.name) or f.metadata["help"]
+        if f.type == "bool":
             g.add_argument(flag, action="store_true", default=None, help=text)
         else:
-            kw = {"choices": [c for c in _CHOICES[f.name] if c]} if f.name in _CHOICES else {}
             typ = {"int": _count, "float": float, "str": str}[f.type]
-            if not kw:
-                kw["metavar"] = METAVAR[f.type]
+            kw = {"choices": [c for c in _CHOICES[f.name] if c]} if f.name in _CHOICES else {"metavar": METAVAR[f.type]}
             g.add_argument(flag, type=typ, default=None, help=text, **kw)
     ap.set_defaults(_excluded_options=tuple(exclude))
     return groups
@@ -198,30 +186,21 @@ def check_file_value(path: str, key: str, value, typ: str):
 def options_from_args(args: argparse.Namespace, defaults: TrainOptions | None = None) -> TrainOptions:
     """defaults < --config FILE < flags given, type- and range-checked; errors name the flag, or the file
     and key a value came from."""
-    defaults = defaults or TrainOptions()
-    values = defaults.to_dict()
-    origin: dict[str, str] = {}
-    excluded = getattr(args, "_excluded_options", ())
+    values, file_vals = (defaults or TrainOptions()).to_dict(), {}
     if getattr(args, "config", None):
         file_vals = read_config_file(args.config)
         unknown = sorted(set(file_vals) - set(values))
         if unknown:
             raise FurnaceError(f"--config {args.config}: unknown options {unknown} (see --help for the names)")
-        refused = sorted(set(file_vals) & set(excluded))
+        refused = sorted(set(file_vals) & set(getattr(args, "_excluded_options", ())))
         if refused:
             raise FurnaceError(f"--config {args.config}: {', '.join(refused)} is not an option of this command; "
                                f"remove it from the file")
         types = {f.name: f.type for f in dataclasses.fields(TrainOptions)}
-        for k, v in file_vals.items():
-            values[k] = check_file_value(args.config, k, v, types[k])
-            origin[k] = f"--config {args.config}: {k}"
-    for k in values:
-        v = getattr(args, k, None)
-        if v is not None:
-            values[k] = v
-            origin.pop(k, None)
-    opts = TrainOptions(**values)
-    validate(opts, origin)
+        file_vals = {k: check_file_value(args.config, k, v, types[k]) for k, v in file_vals.items()}
+    flags = {k: getattr(args, k) for k in values if getattr(args, k, None) is not None}
+    opts = TrainOptions(**{**values, **file_vals, **flags})
+    validate(opts, {k: f"--config {args.config}: {k}" for k in file_vals if k not in flags})
     return opts
 
 
@@ -235,17 +214,15 @@ def validate(o: TrainOptions, origin: dict[str, str] | None = None) -> None:
     for f, choices in _CHOICES.items():
         if getattr(o, f) not in choices:
             raise FurnaceError(f"{name(f)} {getattr(o, f)!r}: expected one of {', '.join(c for c in choices if c)}")
-    for f in ("max_steps", "tokens", "batch_size", "seq_len", "save_every", "warmup", "eval_tokens", "log_every"):
-        if getattr(o, f) < 0:
+    for f in ("max_steps", "tokens", "batch_size", "seq_len", "save_every", "warmup", "eval_tokens", "log_every",
+              "weight_decay", "grad_clip", "z_loss", "rope_factor", "peak_tflops"):
+        if not getattr(o, f) >= 0:  # (NaN too)
             raise FurnaceError(f"{name(f)} {getattr(o, f)}: expected >= 0")
     if o.eval_every < -1:
         raise FurnaceError(f"{name('eval_every')} {o.eval_every}: expected N >= 0 (or -1 = automatic)")
     for f in ("grad_accum", "keep_last", "max_bad_steps"):
         if getattr(o, f) < 1:
             raise FurnaceError(f"{name(f)} {getattr(o, f)}: expected >= 1")
-    for f in ("weight_decay", "grad_clip", "z_loss", "rope_factor", "peak_tflops"):
-        if not getattr(o, f) >= 0:
-            raise FurnaceError(f"{name(f)} {getattr(o, f)}: expected >= 0")
     if not o.lr > 0 or not 0 <= o.min_lr <= o.lr:
         raise FurnaceError(f"{name('lr')} {o.lr} / {name('min_lr')} {o.min_lr}: expected 0 <= min-lr <= lr and lr > 0")
     if not 0.0 <= o.wsd_decay <= 1.0:

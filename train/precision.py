@@ -1,19 +1,16 @@
 """Precision decided once at start-up, with one line saying what runs and why.
 
-FP8 backends, in order for --fp8-backend auto:
-  TransformerEngine: te.Linear under fp8_autocast, DelayedScaling HYBRID (E4M3 fwd, E5M2 bwd),
-    amax history 16 (as Elite-112M); needs CUDA with compute capability >= 8.9. On data-centre Blackwell
-    (cc 10.x) MXFP8BlockScaling is tried first (TE >= 2.0; needs dims multiples of 32), DelayedScaling if
-    its probe fails.
-  torchao float8 training: dynamic tensorwise scaling; also runs on CPU (torch._scaled_mm).
-  else BF16 (or the --dtype given), said in one line; --fp8-strict turns the fallback into an error.
-Only the transformer blocks' Linear layers are converted; embeddings, LM head, norms and the loss stay
-in high precision, and layers whose dimensions are not multiples of 16 stay BF16 (logged).
+FP8 backends, in order for --fp8-backend auto, each after a tiny probe: TransformerEngine (te.Linear under
+fp8_autocast, DelayedScaling HYBRID: E4M3 forward, E5M2 backward, amax history 16 as Elite-112M; needs CUDA with
+compute capability >= 8.9), then torchao float8 training (dynamic tensorwise scaling; also runs on CPU through
+torch._scaled_mm), else BF16 (or the --dtype given); --fp8-strict turns that fallback into an error. Only the
+transformer blocks' Linear layers are converted: embeddings, LM head, norms and the loss stay in high precision.
 """
 from __future__ import annotations
 
 import contextlib
 import logging
+from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import torch
@@ -60,48 +57,27 @@ def resolve_device(name: str) -> torch.device:
     return dev
 
 
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    if not name:
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    if name == "fp16" and device.type == "cpu":
-        raise FurnaceError("--dtype fp16 is not supported on CPU: use bf16 or fp32")
-    return DTYPES[name]
-
-
-def fp8_linear_filter(name: str, module: torch.nn.Module, multiple: int = 16) -> bool:
-    """FP8 only for Linear layers inside the transformer blocks with dims divisible by `multiple`
-    (16 for tensor-scaled FP8, 32 for MXFP8's 32-element blocks)."""
-    return (isinstance(module, torch.nn.Linear) and name.startswith("layers.")
-            and module.in_features % multiple == 0 and module.out_features % multiple == 0)
-
-
-def _te_status(device: torch.device) -> str:
-    """'' when TransformerEngine can run here, else the reason it cannot."""
-    if device.type != "cuda":
+def _unavailable(backend: str, device: torch.device) -> str:
+    """'' when the FP8 backend ("te" or "torchao") can run here, else why not. torchao's known, harmless import
+    noise is silenced during the import only: optional CUDA extensions that fail to load without them ("Failed
+    to load ..._C_mxfp8...so": float8 training does not use them) and torch's pytree deprecation notice about
+    its Enum registration; the precision line says which FP8 path runs."""
+    if backend == "te" and device.type != "cuda":
         return "TransformerEngine needs CUDA"
-    cc = torch.cuda.get_device_capability(device)
-    if cc < (8, 9):
-        return f"GPU compute capability {cc[0]}.{cc[1]} < 8.9 has no FP8"
-    try:
-        import transformer_engine.pytorch  # noqa: F401
-    except Exception as e:  # ImportError, or a broken build
-        return f"TransformerEngine not importable ({type(e).__name__}: {str(e)[:80]})"
-    return ""
-
-
-def _torchao_status() -> str:
-    """'' when torchao's float8 training imports, else why not. Its known, harmless import noise is silenced
-    during the import only: optional CUDA extensions that fail to load without them ("Failed to load
-    ..._C_mxfp8...so": float8 training does not use them) and torch's pytree deprecation notice about its Enum
-    registration; the precision line says which FP8 path runs."""
+    if backend == "te" and torch.cuda.get_device_capability(device) < (8, 9):
+        return "GPU compute capability {}.{} < 8.9 has no FP8".format(*torch.cuda.get_device_capability(device))
     loggers = [logging.getLogger(n) for n in ("torchao", "torch.utils._pytree")]
     levels = [lg.level for lg in loggers]
     try:
         for lg in loggers:
             lg.setLevel(logging.ERROR)
-        from torchao.float8 import convert_to_float8_training  # noqa: F401
-    except Exception as e:
-        return f"torchao float8 not importable ({type(e).__name__}: {str(e)[:80]})"
+        if backend == "te":
+            import transformer_engine.pytorch  # noqa: F401
+        else:
+            from torchao.float8 import convert_to_float8_training  # noqa: F401
+    except Exception as e:  # ImportError, or a broken build
+        what = "TransformerEngine" if backend == "te" else "torchao float8"
+        return f"{what} not importable ({type(e).__name__}: {str(e)[:80]})"
     finally:
         for lg, lvl in zip(loggers, levels):
             lg.setLevel(lvl)
@@ -121,9 +97,7 @@ def _te_recipes(device: torch.device) -> list:
 
 def _probe(backend: str, device: torch.device, dtype: torch.dtype, te_recipe=None) -> str:
     """Tiny FP8 forward/backward; '' if it works, else the reason. Shapes are multiples of 32 (MXFP8)."""
-    lin = torch.nn.Sequential()
-    lin.add_module("layers", torch.nn.Sequential(torch.nn.Linear(64, 64, bias=False)))
-    lin = lin.to(device)
+    lin = torch.nn.Sequential(OrderedDict(layers=torch.nn.Sequential(torch.nn.Linear(64, 64, bias=False)))).to(device)
     try:
         prec = Precision(dtype=dtype, fp8=backend, te_recipe=te_recipe)
         convert_linears(lin, prec)
@@ -139,59 +113,55 @@ def _probe(backend: str, device: torch.device, dtype: torch.dtype, te_recipe=Non
 
 
 def convert_linears(model: torch.nn.Module, prec: Precision) -> list[str]:
-    """Swap eligible Linear layers for the FP8 backend's; returns the converted names."""
+    """Swap the transformer blocks' Linear layers whose dims are multiples of 16 (32 for MXFP8's 32-element
+    blocks) for the FP8 backend's; returns the converted names."""
     if not prec.fp8:
         return []
-    mult = 32 if type(prec.te_recipe).__name__ == "MXFP8BlockScaling" else 16  # MXFP8: 32-element blocks
-    names = [n for n, m in model.named_modules() if fp8_linear_filter(n, m, mult)]
-    skipped = [n for n, m in model.named_modules()
-               if isinstance(m, torch.nn.Linear) and n.startswith("layers.") and n not in names]
+    mult = 32 if type(prec.te_recipe).__name__ == "MXFP8BlockScaling" else 16
+    linears = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n.startswith("layers.")}
+    names = [n for n, m in linears.items() if m.in_features % mult == 0 and m.out_features % mult == 0]
+    skipped = [n for n in linears if n not in names]
     if skipped:
         log.info(f"FP8: {len(skipped)} layers stay high precision (dims not multiples of {mult}): {skipped[:4]}")
     if prec.fp8 == "torchao":
         from torchao.float8 import convert_to_float8_training
-        convert_to_float8_training(model, module_filter_fn=lambda m, fqn: fp8_linear_filter(fqn, m))
+        convert_to_float8_training(model, module_filter_fn=lambda m, fqn: fqn in names)
     else:
         import transformer_engine.pytorch as te
         for n in names:
-            parent_name, _, child = n.rpartition(".")
-            parent = model.get_submodule(parent_name)
-            old = getattr(parent, child)
+            old = linears[n]
             new = te.Linear(old.in_features, old.out_features, bias=False, params_dtype=old.weight.dtype,
                             device=old.weight.device)
             with torch.no_grad():
                 new.weight.copy_(old.weight)
-            setattr(parent, child, new)
+            model.set_submodule(n, new)
     prec.converted = names
     return names
 
 
 def decide_precision(device: torch.device, dtype_name: str, fp8: bool, backend: str, strict: bool) -> Precision:
     """Decide once; log one line with the reason."""
-    dtype = resolve_dtype(dtype_name, device)
-    if not fp8:
-        p = Precision(dtype=dtype, reason="FP8 not requested")
-        log.info(f"precision: {p.name} ({p.reason})")
-        return p
+    if dtype_name == "fp16" and device.type == "cpu":
+        raise FurnaceError("--dtype fp16 is not supported on CPU: use bf16 or fp32")
+    dtype = DTYPES[dtype_name] if dtype_name else torch.bfloat16 if device.type == "cuda" else torch.float32
     reasons = []
-    order = {"auto": ["te", "torchao"], "te": ["te"], "torchao": ["torchao"]}[backend]
-    for b in order:
-        why = _te_status(device) if b == "te" else _torchao_status()
+    for b in ({"auto": ["te", "torchao"]}.get(backend, [backend]) if fp8 else []):
+        why = _unavailable(b, device)
         for rec in (_te_recipes(device) if b == "te" and not why else [None]):
             why = why or _probe(b, device, dtype, rec)
             if not why:
-                p = Precision(dtype=dtype, fp8=b, te_recipe=rec, reason="probe passed")
                 what = f"TransformerEngine {type(rec).__name__}" if b == "te" else "torchao float8"
-                log.info(f"precision: FP8 via {what} (activations/master weights {p.dtype}; {p.reason})")
-                return p
-            if rec is not None and type(rec).__name__ == "MXFP8BlockScaling":
+                log.info(f"precision: FP8 via {what} (activations/master weights {dtype}; probe passed)")
+                return Precision(dtype=dtype, fp8=b, te_recipe=rec, reason="probe passed")
+            if type(rec).__name__ == "MXFP8BlockScaling":
                 log.info(f"FP8: TransformerEngine MXFP8 unavailable ({why}); trying DelayedScaling")
                 why = ""
         reasons.append(f"{b}: {why}")
-    msg = "; ".join(reasons)
-    if strict:
-        raise FurnaceError(f"--fp8-strict: FP8 is not available here ({msg})")
-    p = Precision(dtype=dtype if dtype != torch.float32 or device.type == "cpu" else torch.bfloat16,
-                  reason=f"FP8 unavailable: {msg}")
+    p = Precision(dtype=dtype, reason="FP8 not requested")
+    if reasons:
+        if strict:
+            raise FurnaceError(f"--fp8-strict: FP8 is not available here ({'; '.join(reasons)})")
+        p = Precision(dtype=dtype if dtype != torch.float32 or device.type == "cpu" else torch.bfloat16,
+                      reason=f"FP8 unavailable: {'; '.join(reasons)}")
     log.info(f"precision: {p.name} ({p.reason})")
     return p

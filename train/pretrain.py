@@ -54,11 +54,11 @@ def build(opts: TrainOptions, rt, make_task=None):
     from model.config import get_preset
     from model.flops import flops_per_token
     from model.io import resolve_checkpoint
-    from train.setup import build_model, check_seq_len, open_run_dir, pad_vocab
+    from train.setup import build_model, check_seq_len, open_run_dir
     from train.task import LMTask
     from train.trainer import Trainer, eval_batches
 
-    resolve_defaults(opts, rt)
+    step_tokens = resolve_defaults(opts, rt)
     sources = ensure_data(opts, rt)
     run_dir, resume_ckpt = open_run_dir(opts, f"{opts.preset}-{Path(sources[0][0]).name}")
 
@@ -67,7 +67,7 @@ def build(opts: TrainOptions, rt, make_task=None):
     val = TokenLoader(sources, opts.batch_size, opts.seq_len, split="val", mode="sequential", device=rt.device)
     cfg = get_preset(opts.preset)
     if loader.vocab_size is not None:
-        cfg.vocab_size = pad_vocab(loader.vocab_size)
+        cfg.vocab_size = -(-loader.vocab_size // 64) * 64  # padded up to a multiple of 64
     else:  # an llm.c / modded-nanogpt folder without tokenizer.json: GPT-2 tokens, presumably
         log.info(f"data {sources[0][0]} has no tokenizer.json: using preset {opts.preset}'s vocab {cfg.vocab_size} "
                  f"(GPT-2 shards need >= 50257, e.g. --preset 124m); put a tokenizer.json beside the shards "
@@ -82,7 +82,6 @@ def build(opts: TrainOptions, rt, make_task=None):
     if loader.vocab_size is not None and loader.vocab_size > model.config.vocab_size:
         raise FurnaceError(f"--init model has vocab {model.config.vocab_size} < the data tokenizer's {loader.vocab_size}")
 
-    step_tokens = opts.batch_size * opts.seq_len * opts.grad_accum * rt.world_size
     in_run, final = eval_batches(opts, step_tokens, val.batches_per_epoch)
     log.info(f"model: {opts.preset}, {model.num_params() / 1e6:.2f}M params, vocab {model.config.vocab_size}; "
              f"batch {opts.batch_size}x{opts.seq_len}x{opts.grad_accum}x{rt.world_size}; {opts.max_steps} steps; "
@@ -111,35 +110,34 @@ def make_sampler(opts: TrainOptions, data_dir: str, val):
     return PromptSampler(tok, ids, stop_ids=(tok.eos_id,))
 
 
-def resolve_defaults(opts: TrainOptions, rt) -> None:
-    """Fill the options left at 0/'' with the device's defaults, in place (so config.json is concrete)."""
+def resolve_defaults(opts: TrainOptions, rt) -> int:
+    """Fill the options left at 0/'' with the device's defaults, in place (so config.json is concrete);
+    returns the tokens per optimizer step."""
     from model.config import get_preset
     d = GPU_DEFAULTS if rt.device.type == "cuda" else CPU_DEFAULTS
     opts.preset = opts.preset or d["preset"]
     opts.batch_size = opts.batch_size or d["batch_size"]
     opts.seq_len = opts.seq_len or min(d["seq_len"], get_preset(opts.preset).max_seq_len)
-    if not opts.max_steps:
-        per_step = opts.batch_size * opts.seq_len * opts.grad_accum * rt.world_size
-        opts.max_steps = -(-opts.tokens // per_step) if opts.tokens else d["max_steps"]
+    per_step = opts.batch_size * opts.seq_len * opts.grad_accum * rt.world_size
+    opts.max_steps = opts.max_steps or (-(-opts.tokens // per_step) if opts.tokens else d["max_steps"])
+    return per_step
 
 
 def ensure_data(opts: TrainOptions, rt) -> list[tuple[str, float]]:
     """--data sources, or the embedded default corpus (prepared once, by rank 0)."""
     from data import parse_data_arg, prepare
     from data.build import DEFAULT_DATA_DIR
-    if opts.data:
-        sources = parse_data_arg(opts.data)
-        for d, _ in sources:
-            if not Path(d).is_dir():
-                raise FurnaceError(f"--data {d}: no such folder (make one with: python data/prepare.py --out {d} ...)")
-        return sources
-    if rt.is_main and not (DEFAULT_DATA_DIR / "manifest.json").is_file():
-        log.info(f"data: preparing the embedded default corpus (Python standard library) in {DEFAULT_DATA_DIR}")
-        prepare(DEFAULT_DATA_DIR)
-    rt.barrier()  # on every rank: one that found rank 0's fresh manifest must not skip it (collectives pair up)
-    opts.data = str(DEFAULT_DATA_DIR)
-    return [(str(DEFAULT_DATA_DIR), 1.0)]
-
+    if not opts.data:
+        if rt.is_main and not (DEFAULT_DATA_DIR / "manifest.json").is_file():
+            log.info(f"data: preparing the embedded default corpus (Python standard library) in {DEFAULT_DATA_DIR}")
+            prepare(DEFAULT_DATA_DIR)
+        rt.barrier()  # on every rank: one that found rank 0's fresh manifest must not skip it (collectives pair up)
+        opts.data = str(DEFAULT_DATA_DIR)
+    sources = parse_data_arg(opts.data)
+    for d, _ in sources:
+        if not Path(d).is_dir():
+            raise FurnaceError(f"--data {d}: no such folder (make one with: python data/prepare.py --out {d} ...)")
+    return sources
 
 if __name__ == "__main__":
     run_cli(main)

@@ -15,7 +15,7 @@ from model.config import GPTConfig
 from kernels.common import FurnaceError
 from model.gpt import GPT
 from model.io import load as load_model, resolve_checkpoint
-from train.options import TrainOptions
+from train.options import RUN_DEFINING, TrainOptions
 from train.precision import Precision, decide_precision, resolve_device
 
 log = logging.getLogger("furnace")
@@ -48,19 +48,15 @@ def init_runtime(opts: TrainOptions) -> Runtime:
     """Single process, or DDP under torchrun (NCCL on GPU, gloo on CPU). Only rank 0 logs and saves.
     Use it as `with init_runtime(opts) as rt:` so the process group is always closed."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
+    rt = Runtime(resolve_device(opts.device), rank=int(os.environ["RANK"]) if world > 1 else 0, world_size=world)
     if world > 1:
-        rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
-        device = resolve_device(opts.device)
-        if device.type == "cuda":
-            device = torch.device("cuda", local)
-            torch.cuda.set_device(device)
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-        if rank != 0:
-            logging.getLogger("furnace").setLevel(logging.WARNING)
-        rt = Runtime(device=device, rank=rank, world_size=world)
+        if rt.device.type == "cuda":
+            rt.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+            torch.cuda.set_device(rt.device)
+        dist.init_process_group(backend="nccl" if rt.device.type == "cuda" else "gloo")
+        if not rt.is_main:
+            log.setLevel(logging.WARNING)
         log.info(f"DDP: {world} processes, backend {dist.get_backend()}")
-    else:
-        rt = Runtime(device=resolve_device(opts.device))
     if rt.device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
@@ -68,13 +64,11 @@ def init_runtime(opts: TrainOptions) -> Runtime:
     return rt
 
 
-def open_run_dir(opts: TrainOptions, name: str, saved: dict | None = None,
-                 defining: tuple[str, ...] = ()) -> tuple[Path, Path | None]:
+def open_run_dir(opts: TrainOptions, name: str, saved: dict | None = None) -> tuple[Path, Path | None]:
     """--out resolved into `opts` (default: runs/NAME, or -2, -3... when taken; with --resume the newest of
     those), then checked and locked (train.checkpoint.check_out_dir) -> (run folder, checkpoint to resume
-    from or None). `saved`/`defining`: further config.json sections a resumed run must agree on (fine-tuning)."""
+    from or None). `saved`: further config.json sections a resumed run must agree on (fine-tuning)."""
     from train.checkpoint import check_out_dir
-    from train.options import RUN_DEFINING
     if not opts.out:
         base = Path("runs") / name
         if opts.resume:
@@ -89,13 +83,8 @@ def open_run_dir(opts: TrainOptions, name: str, saved: dict | None = None,
         if i > 1 and not opts.resume:
             log.info(f"out: {base} already holds a run: this one goes to {opts.out} (pass this folder to the next "
                      f"command; --out chooses the folder)")
-    run_dir = Path(opts.out)
     sections = {"train": (opts.to_dict(), RUN_DEFINING), **(saved or {})}
-    return run_dir, check_out_dir(run_dir, sections, opts.resume)
-
-
-def pad_vocab(n: int, multiple: int = 64) -> int:
-    return multiple * ((n + multiple - 1) // multiple)
+    return Path(opts.out), check_out_dir(Path(opts.out), sections, opts.resume)
 
 
 def build_model(opts: TrainOptions, cfg: GPTConfig, rt: Runtime) -> GPT:

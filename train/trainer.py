@@ -1,10 +1,8 @@
 """The one Trainer: pretraining, SFT and DPO (and whatever comes next) are tasks it runs.
 
-The Trainer owns everything that is the same for every method: the loop, the optimizer and schedule,
-precision (FP8 conversion, autocast, fp16 scaling), compile, DDP, EMA, checkpoints and exact resume,
-metrics, wandb and the loss plot. It reads its settings from the options object itself (`TrainOptions`).
-A task (train/task.py) says what differs: how a batch becomes a loss, what one loss unit is and how many a
-batch holds, how to evaluate, and the FLOPs per unit for MFU.
+The Trainer owns what is the same for every method: the loop, optimizer and schedule, precision (FP8
+conversion, autocast, fp16 scaling), compile, DDP, EMA, checkpoints and exact resume, metrics, wandb and the
+loss plot, with its settings read from `TrainOptions` itself. A task (train/task.py) says what differs.
 
 Per optimizer step: fetch `grad_accum` micro-batches, count their loss units across all ranks, and weight
 each micro-batch's mean loss by its share of that total, so 8 x 1 and 1 x 8 give the same update. Then
@@ -14,7 +12,9 @@ log, evaluate and checkpoint on schedule.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
+import json
 import logging
 import math
 import signal
@@ -36,8 +36,7 @@ from model.gpt import Block
 from model.io import eval_mode, load as load_model, unwrap
 from train.checkpoint import (last_good_checkpoint, load_trainer_state, lock_run_dir, rng_state, save_checkpoint,
                               set_rng_state, truncate_metrics, unlock_run_dir, unsafe_to_save)
-from train.metrics import (MetricsLog, format_duration, format_step, init_wandb, plot_losses, run_record,
-                           summary_lines)
+from train.metrics import MetricsLog, format_duration, format_step, plot_losses, run_record, summary_lines
 from train.optim import build_optimizer, lr_at
 from train.options import TrainOptions
 from train.precision import Precision, convert_linears
@@ -94,15 +93,18 @@ class Trainer:
         self.model = _wrap(model, opts, rt)
         self.opt = optimizer or build_optimizer(model, opts.lr, opts.weight_decay, rt.device.type)
         self.warmup = opts.warmup or min(100, max(1, opts.max_steps // 20))
-        self.peak, self.peak8 = _peaks(opts, rt.device)
+        self.peak, self.peak8 = opts.peak_tflops or None, None  # dense BF16 and FP8 TFLOP/s of the device, for MFU
+        if rt.device.type == "cuda":
+            name = torch.cuda.get_device_name(rt.device)
+            self.peak, self.peak8 = self.peak or peak_tflops(name, "bf16"), peak_tflops(name, "fp8")
+            if self.peak is None:
+                log.info(f"MFU: unknown device {name!r} (pass --peak-tflops to report MFU)")
         self.state = TrainState()
-        self.scaler = torch.amp.GradScaler(rt.device.type) if self.prec.dtype == torch.float16 else None
-        self.ema = ({k: v.detach().float().clone() for k, v in _float_tensors(model).items()}
-                    if opts.ema > 0 else None)
-        self.metrics: MetricsLog | None = None
-        self.wandb_run = None
+        # a disabled scaler (all but fp16) passes the loss and the optimizer step through unchanged
+        self.scaler = torch.amp.GradScaler(rt.device.type, enabled=self.prec.dtype == torch.float16)
+        self.ema = {k: v.detach().float().clone() for k, v in _float_tensors(model).items()} if opts.ema > 0 else None
+        self.metrics, self.wandb_run, self._mfu_warned = None, None, False
         self.step_times: list[float] = []
-        self._mfu_warned = False
         self.eval_every = opts.eval_every if opts.eval_every >= 0 else None  # None: chosen after timing
         self.eval_seconds: float | None = None
         if resume is not None:
@@ -119,10 +121,21 @@ class Trainer:
             if self.resume is not None:
                 truncate_metrics(self.run_dir / "metrics.jsonl", self.state.step)
             else:
-                self._write_run_config(record)
-            if self.opts.wandb:
-                self.wandb_run, _ = init_wandb(self.opts, self.run_dir, self.state.extra.get("wandb_id"),
-                                               self.opts.to_dict())
+                m, p = unwrap(self.model), self.prec
+                atomic_write_json(self.run_dir / "config.json", {
+                    "train": self.opts.to_dict(), "model": m.config.to_dict(), "num_params": m.num_params(),
+                    **run_record(self.device), "world_size": self.rt.world_size,
+                    "precision": {"name": p.name, "reason": p.reason, "fp8_layers": len(p.converted)}, **record},
+                    default=str)
+            if self.opts.wandb:  # a resumed run continues the same wandb run; WANDB_MODE=offline works
+                try:
+                    import wandb
+                except ImportError:
+                    raise FurnaceError("--wandb needs the wandb package: pip install wandb (or pip install -e "
+                                       "'.[log]')") from None
+                self.wandb_run = wandb.init(project=self.opts.wandb_project, id=self.state.extra.get("wandb_id"),
+                                            resume="allow", dir=str(self.run_dir), config=self.opts.to_dict(),
+                                            name=self.run_dir.name)
                 self.state.extra["wandb_id"] = self.wandb_run.id
         if self.resume is not None:
             log.info(f"resumed from {self.resume} at step {self.state.step}")
@@ -133,8 +146,7 @@ class Trainer:
             unlock_run_dir(self.run_dir)  # a no-op on ranks that hold no lock
             if self.wandb_run is not None:
                 self.wandb_run.finish()
-        summary["seconds"] = time.perf_counter() - t0
-        summary["unit"] = self.task.unit
+        summary.update(seconds=time.perf_counter() - t0, unit=self.task.unit)
         if self.rt.is_main:
             plot = plot_losses(self.run_dir)
             summary["plot"] = str(plot) if plot else None
@@ -143,31 +155,21 @@ class Trainer:
                 log.info(line)
         return summary
 
-    def _write_run_config(self, record: dict) -> None:
-        m, p = unwrap(self.model), self.prec
-        rec = {"train": self.opts.to_dict(), "model": m.config.to_dict(), "num_params": m.num_params(),
-               **run_record(self.device), "world_size": self.rt.world_size,
-               "precision": {"name": p.name, "reason": p.reason, "fp8_layers": len(p.converted)}, **record}
-        atomic_write_json(self.run_dir / "config.json", rec, default=str)
-
     # ---- state for checkpoints ---------------------------------------------------------------------
     def state_dict(self) -> dict:
-        s = self.state
-        return {"step": s.step, "tokens": s.tokens, "bad_in_row": s.bad_in_row, "bad_total": s.bad_total,
-                "extra": s.extra, "optimizer": self.opt.state_dict(), "loader": self.task.train_loader.state_dict(),
-                "rng": rng_state(), "scaler": self.scaler.state_dict() if self.scaler else None,
+        return {**dataclasses.asdict(self.state), "optimizer": self.opt.state_dict(), "rng": rng_state(),
+                "loader": self.task.train_loader.state_dict(), "scaler": self.scaler.state_dict(),
                 # TransformerEngine's FP8 scaling state (amax history, scales): kept out of the portable
                 # model.safetensors, but needed for an exact resume of a TE FP8 run
                 "fp8_extra_state": {k: v for k, v in unwrap(self.model).state_dict().items()
                                     if k.endswith("_extra_state")}}
 
     def load_state_dict(self, d: dict) -> None:
-        self.state = TrainState(step=d["step"], tokens=d["tokens"], bad_in_row=d["bad_in_row"],
-                                bad_total=d["bad_total"], extra=d.get("extra", {}))
+        self.state = TrainState(**{f.name: d[f.name] for f in dataclasses.fields(TrainState) if f.name in d})
         self.opt.load_state_dict(d["optimizer"])
         self.task.train_loader.load_state_dict(d["loader"])
         set_rng_state(d["rng"])
-        if self.scaler and d.get("scaler"):
+        if d.get("scaler"):
             self.scaler.load_state_dict(d["scaler"])
         if d.get("fp8_extra_state"):
             unwrap(self.model).load_state_dict(d["fp8_extra_state"], strict=False)
@@ -191,7 +193,7 @@ class Trainer:
         return x
 
     def train_step(self) -> dict:
-        opts, model, task, world = self.opts, self.model, self.task, self.rt.world_size
+        opts, model, task, world, st = self.opts, self.model, self.task, self.rt.world_size, self.state
         batches = [task.train_loader.next_batch() for _ in range(opts.grad_accum)]
         counts = [task.count(b) for b in batches]
         n_global = int(self._all_sum(torch.tensor(sum(counts), dtype=torch.float64, device=self.device)).item())
@@ -205,52 +207,30 @@ class Trainer:
                 for k, v in mets.items():
                     extra[k] = extra.get(k, 0.0) + float(v) * n / max(sum(counts), 1)
                 # DDP averages gradients over ranks, hence the world-size factor.
-                scaled = loss.float() * (n * world / max(n_global, 1))
-                (self.scaler.scale(scaled) if self.scaler else scaled).backward()
+                self.scaler.scale(loss.float() * (n * world / max(n_global, 1))).backward()
             loss_sum += loss.detach().float() * n
         loss_val = (self._all_sum(loss_sum) / max(n_global, 1)).item()
-        if self.scaler:
-            self.scaler.unscale_(self.opt)
+        self.scaler.unscale_(self.opt)
         params = [p for p in model.parameters() if p.grad is not None]
-        clip = opts.grad_clip if opts.grad_clip > 0 else float("inf")
-        gnorm = torch.nn.utils.clip_grad_norm_(params, clip).item() if params else 0.0
-        lr = lr_at(self.state.step, opts.max_steps, opts.lr, opts.min_lr, self.warmup, opts.schedule, opts.wsd_decay)
+        gnorm = torch.nn.utils.clip_grad_norm_(params, opts.grad_clip or math.inf).item() if params else 0.0
+        lr = lr_at(st.step, opts.max_steps, opts.lr, opts.min_lr, self.warmup, opts.schedule, opts.wsd_decay)
         for g in self.opt.param_groups:
             g["lr"] = lr
         finite = math.isfinite(loss_val) and math.isfinite(gnorm)
         if finite:
-            if self.scaler:
-                self.scaler.step(self.opt)
-                self.scaler.update()
-            else:
-                self.opt.step()
-            self._update_ema()
-            self.state.bad_in_row = 0
-        else:
-            if self.scaler:
-                self.scaler.update()
-            self.state.bad_in_row += 1
-            self.state.bad_total += 1
+            self.scaler.step(self.opt)
+            if self.ema is not None:
+                for k, v in _float_tensors(unwrap(model)).items():
+                    if k in self.ema:
+                        self.ema[k].mul_(opts.ema).add_(v.detach().float(), alpha=1 - opts.ema)
+        self.scaler.update()
+        st.bad_in_row = 0 if finite else st.bad_in_row + 1
+        st.bad_total += not finite
         self.opt.zero_grad(set_to_none=True)
-        self.state.step += 1
-        self.state.tokens += n_global
+        st.step += 1
+        st.tokens += n_global
         return {"loss": loss_val, "lr": lr, "grad_norm": gnorm, "skipped": not finite, "n_tokens": n_global,
                 "metrics": extra}
-
-    @torch.no_grad()
-    def _update_ema(self):
-        if self.ema is None:
-            return
-        d = self.opts.ema
-        for k, v in _float_tensors(unwrap(self.model)).items():
-            if k in self.ema:
-                self.ema[k].mul_(d).add_(v.detach().float(), alpha=1 - d)
-
-    @torch.no_grad()
-    def evaluate(self, final: bool = False) -> dict:
-        """The task's evaluation, on the unwrapped model in eval mode, under the run's autocast."""
-        with eval_mode(unwrap(self.model)) as model, self.prec.autocast(self.device.type):
-            return self.task.evaluate(model, final=final)
 
     # ---- the loop ------------------------------------------------------------------------------------
     def fit(self) -> dict:
@@ -258,32 +238,31 @@ class Trainer:
         self.metrics = MetricsLog(self.run_dir, enabled=is_main, wandb_run=self.wandb_run)
         if is_main:
             self._log_checkpoint_size()  # before the bar: nothing prints into its line
-        bar, quiet_logs = None, contextlib.nullcontext()
-        if is_main and sys.stderr.isatty():
-            from tqdm import tqdm
-            from tqdm.contrib.logging import logging_redirect_tqdm
-            bar = tqdm(total=opts.max_steps, initial=st.step, dynamic_ncols=True, desc="train")
-            quiet_logs = logging_redirect_tqdm()  # log lines print above the bar, never inside it
         self.model.train()
-        stop = _StopFlag()
-        first_step = st.step
-        try:
-            quiet_logs.__enter__()
+        first_step, stop, bar = st.step, _StopFlag(), None
+        with contextlib.ExitStack() as cleanup:
+            cleanup.callback(self.metrics.close)
+            cleanup.callback(stop.restore)
+            if is_main and sys.stderr.isatty():
+                from tqdm import tqdm
+                from tqdm.contrib.logging import logging_redirect_tqdm
+                bar = cleanup.enter_context(tqdm(total=opts.max_steps, initial=st.step, dynamic_ncols=True,
+                                                 desc="train"))
+                cleanup.enter_context(logging_redirect_tqdm())  # log lines print above the bar, never inside it
             if self.eval_every is None or (st.step == 0 and self.eval_every):
                 self._log_eval()  # the starting point, and (automatic cadence) what one evaluation costs
-            t_start, paused, timed = time.perf_counter(), True, False
+            t_start, paused = time.perf_counter(), True
             while st.step < opts.max_steps:
                 t0 = self._synced_clock()
                 out = self.train_step()
                 dt = self._synced_clock() - t0        # the step alone: evaluation and checkpoints excluded
                 if st.step - first_step > TIMING_WARMUP and not paused:  # caches are cold after an eval or a save
                     self.step_times.append(dt)
+                    if len(self.step_times) == ESTIMATE_STEPS:
+                        self._on_timed()
                 paused = False
                 rec = self._record(out, dt)
                 self.metrics.write(rec)
-                if len(self.step_times) == ESTIMATE_STEPS and not timed:
-                    self._on_timed()
-                    timed = True
                 eta = (time.perf_counter() - t_start) / (st.step - first_step) * (opts.max_steps - st.step)
                 if bar is not None:
                     bar.update(1)
@@ -292,8 +271,16 @@ class Trainer:
                     log.info(format_step(rec, extra=tuple(out["metrics"]), unit=self.task.unit)
                              + f" | ETA {format_duration(eta)}")
                 if out["skipped"]:
-                    self._on_bad_step(out)
-                if self._stop_requested(stop):
+                    log.info(f"step {st.step}: non-finite loss or grad norm (loss {out['loss']}, grad norm "
+                             f"{out['grad_norm']}); step skipped ({st.bad_in_row} in a row, {st.bad_total} in total)")
+                    if st.bad_in_row >= opts.max_bad_steps:
+                        raise FurnaceError(
+                            f"{st.bad_in_row} non-finite steps in a row at step {st.step}: training diverged. Lower "
+                            f"--lr, raise --warmup, set --grad-clip, try --z-loss 1e-4 or train without --fp8; the "
+                            f"last good checkpoint is kept: {last_good_checkpoint(self.run_dir)}")
+                if self.rt.world_size > 1:  # Ctrl-C is honoured between steps, on all ranks together
+                    stop.requested = bool(self._all_sum(torch.tensor(float(stop.requested), device=self.device)))
+                if stop.requested:
                     break
                 if self.eval_every and st.step % self.eval_every == 0 and st.step < opts.max_steps:
                     self._log_eval()
@@ -308,12 +295,6 @@ class Trainer:
             else:
                 summary.update(self._log_eval(final=True))
             summary["final_loss"] = self.metrics.last.get("loss")
-        finally:
-            stop.restore()
-            quiet_logs.__exit__(None, None, None)
-            if bar is not None:
-                bar.close()
-            self.metrics.close()
         ck = self.save()
         summary["checkpoint"] = str(ck) if ck else None
         if self.step_times:
@@ -325,32 +306,15 @@ class Trainer:
             torch.cuda.synchronize(self.device)
         return time.perf_counter()
 
-    def _stop_requested(self, stop: "_StopFlag") -> bool:
-        """Ctrl-C is honoured between steps, on all ranks together."""
-        if self.rt.world_size == 1:
-            return stop.requested
-        return bool(self._all_sum(torch.tensor(float(stop.requested), device=self.device)).item() > 0)
-
-    def _on_bad_step(self, out: dict) -> None:
-        st = self.state
-        log.info(f"step {st.step}: non-finite loss or grad norm (loss {out['loss']}, grad norm "
-                 f"{out['grad_norm']}); step skipped ({st.bad_in_row} in a row, {st.bad_total} in total)")
-        if st.bad_in_row >= self.opts.max_bad_steps:
-            raise FurnaceError(
-                f"{st.bad_in_row} non-finite steps in a row at step {st.step}: training diverged. Lower --lr, "
-                f"raise --warmup, set --grad-clip, try --z-loss 1e-4 or train without --fp8; the last good "
-                f"checkpoint is kept: {last_good_checkpoint(self.run_dir)}")
-
     def _record(self, out: dict, dt: float) -> dict:
         tps = out["n_tokens"] / dt if dt > 0 else 0.0
         rec = {"step": self.state.step, "loss": out["loss"], "lr": out["lr"], "grad_norm": out["grad_norm"],
                "tokens_per_s": tps, "tokens": self.state.tokens, "step_ms": 1000 * dt}
-        fpu = self.task.flops_per_unit
+        fpu, peak8 = self.task.flops_per_unit, self.peak8 if self.prec.fp8 else None
         if fpu and self.peak:
-            peak8 = self.peak8 if self.prec.fp8 else None
             per_device = tps / self.rt.world_size  # the peak is one device's
             try:  # vs the BF16 peak; an FP8 run may go past it, up to the FP8 peak
-                rec["mfu"] = compute_mfu(fpu, per_device, self.peak, limit=peak8 / self.peak if peak8 else 1.0)
+                rec["mfu"] = compute_mfu(fpu, per_device, self.peak, limit=(peak8 or self.peak) / self.peak)
                 if peak8:
                     rec["mfu_fp8_peak"] = compute_mfu(fpu, per_device, peak8)
             except ValueError as e:  # an impossible MFU is a measurement bug: say so once, never log the number
@@ -367,10 +331,12 @@ class Trainer:
         return rec
 
     def _log_eval(self, final: bool = False) -> dict:
-        """The task's evaluation and, on rank 0, its sample from the fixed prompt (printed and appended to
-        OUT/samples.jsonl); an in-run one is timed for the automatic cadence and the cost estimate."""
+        """The task's evaluation (the unwrapped model in eval mode, under the run's autocast) and, on rank 0, its
+        sample from the fixed prompt (printed and appended to OUT/samples.jsonl); an in-run one is timed for the
+        automatic cadence and the cost estimate."""
         t0 = time.perf_counter()
-        ev = self.evaluate(final)
+        with torch.no_grad(), eval_mode(unwrap(self.model)) as model, self.prec.autocast(self.device.type):
+            ev = self.task.evaluate(model, final=final)
         if ev:
             self.metrics.write({"step": self.state.step, **ev})
             if self.rt.is_main:
@@ -380,7 +346,8 @@ class Trainer:
             with eval_mode(unwrap(self.model)) as model:  # full precision: a few dozen tokens, no autocast questions
                 prompt, text = sample(model)
             log.info(f"sample at step {self.state.step}: {prompt!r} -> {text!r}")
-            _append_jsonl(self.run_dir / "samples.jsonl", {"step": self.state.step, "prompt": prompt, "text": text})
+            with open(self.run_dir / "samples.jsonl", "a") as f:
+                f.write(json.dumps({"step": self.state.step, "prompt": prompt, "text": text}) + "\n")
         if not final:
             self.eval_seconds = time.perf_counter() - t0
         return ev
@@ -415,64 +382,38 @@ class Trainer:
     def _log_checkpoint_size(self) -> None:
         """Each checkpoint holds the weights (fp32) and the trainer state (AdamW's two moments: twice the
         weights), so a run keeps about 3 x weights x --keep-last on disk."""
-        n = sum(p.numel() for p in unwrap(self.model).parameters())
-        w, state = 4 * n, 8 * n + (4 * n if self.ema is not None else 0)
-        k = self.opts.keep_last
-        total = (w + state) + (k - 1) * (w if self.opts.keep_weights_only else w + state)
-        log.info(f"checkpoints: ~{_mb(w + state)} each (weights {_mb(w)}, trainer state {_mb(state)}: optimizer "
-                 f"moments{', EMA' if self.ema is not None else ''}); --keep-last {k}: up to {_mb(total)}"
-                 + ("" if self.opts.keep_weights_only or k == 1 else
-                    " (--keep-weights-only keeps only the weights of the older ones)"))
+        def mb(n: float) -> str:
+            return f"{n / 1e9:.1f} GB" if n >= 1e9 else f"{n / 1e6:.0f} MB"
 
-
-
-def _mb(n: float) -> str:
-    return f"{n / 1e9:.1f} GB" if n >= 1e9 else f"{n / 1e6:.0f} MB"
-
-
-def _append_jsonl(path: Path, rec: dict) -> None:
-    import json
-    with open(path, "a") as f:
-        f.write(json.dumps(rec) + "\n")
+        w = 4 * sum(p.numel() for p in unwrap(self.model).parameters())
+        state, k, slim = 2 * w + (w if self.ema is not None else 0), self.opts.keep_last, self.opts.keep_weights_only
+        total = (w + state) + (k - 1) * (w if slim else w + state)
+        log.info(f"checkpoints: ~{mb(w + state)} each (weights {mb(w)}, trainer state {mb(state)}: optimizer "
+                 f"moments{', EMA' if self.ema is not None else ''}); --keep-last {k}: up to {mb(total)}"
+                 + ("" if slim or k == 1 else " (--keep-weights-only keeps only the weights of the older ones)"))
 
 
 def _wrap(model: torch.nn.Module, opts: TrainOptions, rt: Runtime) -> torch.nn.Module:
-    """FP8 conversion, activation checkpointing, torch.compile, then DDP."""
+    """FP8 conversion, activation checkpointing, torch.compile, then DDP. Activation checkpointing recomputes
+    each transformer block in backward instead of keeping its activations; its wrapper keeps the state_dict's
+    names (checkpoints stay plain). Under TransformerEngine FP8, torch.utils.checkpoint would recompute outside
+    fp8_autocast: TE's own checkpoint restores the FP8 state and reuses the forward's scaling factors
+    (TransformerEngine issue 415)."""
     convert_linears(model, rt.precision)
     if opts.activation_checkpointing:
-        _checkpoint_blocks(model, rt.precision)
+        from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (apply_activation_checkpointing,
+                                                                                  checkpoint_wrapper)
+        if rt.precision.fp8 == "te":
+            from transformer_engine.pytorch.distributed import checkpoint as fn
+        else:
+            from torch.utils.checkpoint import checkpoint as fn
+        wrapper = functools.partial(checkpoint_wrapper, checkpoint_fn=fn, use_reentrant=False)
+        apply_activation_checkpointing(model, checkpoint_wrapper_fn=wrapper, check_fn=lambda m: isinstance(m, Block))
     wrapped = torch.compile(model) if opts.compile else model
     if rt.world_size > 1:
         from torch.nn.parallel import DistributedDataParallel as DDP
         wrapped = DDP(wrapped, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
     return wrapped
-
-
-def _checkpoint_blocks(model: torch.nn.Module, prec: Precision) -> None:
-    """Recompute each transformer block in backward instead of keeping its activations. The wrapper keeps
-    the state_dict's names (checkpoints stay plain). Under TransformerEngine FP8, torch.utils.checkpoint would
-    recompute outside fp8_autocast: TE's own checkpoint restores the FP8 state and reuses the forward's
-    scaling factors (TransformerEngine issue 415)."""
-    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (apply_activation_checkpointing,
-                                                                              checkpoint_wrapper)
-    if prec.fp8 == "te":
-        from transformer_engine.pytorch.distributed import checkpoint as fn
-    else:
-        from torch.utils.checkpoint import checkpoint as fn
-    apply_activation_checkpointing(
-        model, checkpoint_wrapper_fn=functools.partial(checkpoint_wrapper, checkpoint_fn=fn, use_reentrant=False),
-        check_fn=lambda m: isinstance(m, Block))
-
-
-def _peaks(opts: TrainOptions, device: torch.device) -> tuple[float | None, float | None]:
-    """(dense BF16, dense FP8) peak TFLOP/s of this device for MFU; --peak-tflops overrides the BF16 one."""
-    peak, peak8 = (opts.peak_tflops or None), None
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-        peak, peak8 = peak or peak_tflops(name, "bf16"), peak_tflops(name, "fp8")
-        if peak is None:
-            log.info(f"MFU: unknown device {name!r} (pass --peak-tflops to report MFU)")
-    return peak, peak8
 
 
 def _float_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -481,13 +422,10 @@ def _float_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     would be serialised, with a device-to-host copy, for every layer at every EMA update."""
     out = {}
     for prefix, mod in model.named_modules(remove_duplicate=False):
-        prefix = prefix.replace("._checkpoint_wrapped_module", "")  # --activation-checkpointing's wrapper
-        pre = prefix + "." if prefix else ""
-        for n, t in mod.named_parameters(recurse=False, remove_duplicate=False):
-            out[pre + n] = t
-        for n, t in mod.named_buffers(recurse=False):
-            if n not in mod._non_persistent_buffers_set:
-                out[pre + n] = t
+        pre = prefix.replace("._checkpoint_wrapped_module", "") + "." if prefix else ""  # --activation-checkpointing
+        out.update((pre + n, t) for n, t in mod.named_parameters(recurse=False, remove_duplicate=False))
+        out.update((pre + n, t) for n, t in mod.named_buffers(recurse=False)
+                   if n not in mod._non_persistent_buffers_set)
     return {k: v for k, v in out.items() if v is not None and v.is_floating_point()}
 
 
@@ -495,8 +433,7 @@ class _StopFlag:
     """First Ctrl-C asks the loop to stop after the current step (and save); a second one aborts."""
 
     def __init__(self):
-        self.requested = False
-        self._prev = None
+        self.requested, self._prev = False, None
         if threading.current_thread() is threading.main_thread():
             self._prev = signal.signal(signal.SIGINT, self._handler)
 
