@@ -147,7 +147,7 @@ def test_python_operator_fallback_gives_the_same_numbers(tmp_path):
 def test_decode_attention_matches_sdpa(isa):
     """Each instruction set's kernel against SDPA in fp64 (the reference) on odd shapes, reading keys and values in
     place from a cache's views. Measured over this grid (outputs of magnitude ~1-4), max |error| vs fp64: ours
-    2.4e-6 to 3.1e-6 by instruction set, SDPA in fp32 7.9e-6. Bounds: over the grid at most 2x SDPA fp32's error
+    2.4e-6 to 3.7e-6 by instruction set, SDPA in fp32 7.9e-6. Bounds: over the grid at most 2x SDPA fp32's error
     (flash-attention's rule), and 1e-5 in every case."""
     g = torch.Generator().manual_seed(0)
     errs, errs_sdpa = [], []

@@ -5,7 +5,9 @@
 // softmax(q . k_t / sqrt(hd)) over t < T (max-subtracted, fp32) times v, per query head.
 //
 // Why: SDPA's CPU flash kernel spends most of a one-query call in MKL's sgemm packing blocks of a few rows; this is
-// three plain loops per kv head (scores, softmax, weighted sum of v) over the cache.
+// three plain loops per kv head (scores, softmax, weighted sum of v) over the cache, for 4 query heads at a time
+// (the g heads sharing a kv head, in tiles of 4 then 1): each key and value is loaded once for the tile, the tile's
+// sums stay in registers, and the keys and values are prefetched (the cache is cold after a decode step's weights).
 //
 // One body written with GCC vector extensions (W floats per vector), compiled three times: AVX-512 (W 16) and
 // AVX2 (W 8) through __attribute__((target)), and a portable one (W 4, SSE2 on x86-64). The caller picks (isa 2,
@@ -94,57 +96,107 @@ FURNACE_INLINE void prefetch_row(const float* p, int64_t n) {
   __builtin_prefetch(p + n - 1, 0, 3);
 }
 
-// One kv head of one sequence: its g query heads q[i] (hd floats each) against T keys / values at k0 + t * sk,
-// v0 + t * sv; outputs y[i]. Scratch: s g * Tp floats (Tp = T rounded up to W), acc g * hd, inv g.
-template <int W>
-FURNACE_INLINE void attend_head(const float* const* q, int64_t g, const float* k0, int64_t sk, const float* v0,
-                                int64_t sv, int64_t T, int64_t hd, float* s, float* acc, float* inv, float* const* y) {
+// Lanes l and l + W/2 added (or maxed) until N lanes are left: lane j then holds lanes j, j + N, j + 2N, ... of v.
+template <int W, int N, bool Max>
+FURNACE_INLINE typename Vec<N>::F fold(typename Vec<W>::F v) {
+  if constexpr (W == N) {
+    return v;
+  } else {
+    typename Vec<W / 2>::F lo, hi;
+    std::memcpy(&lo, &v, sizeof lo);
+    std::memcpy(&hi, reinterpret_cast<const char*>(&v) + sizeof lo, sizeof hi);
+    if constexpr (Max) {
+      return fold<W / 2, N, Max>(lo > hi ? lo : hi);
+    } else {
+      return fold<W / 2, N, Max>(lo + hi);
+    }
+  }
+}
+
+// N queries q[j] of one kv head (N = 4 or 1) against T keys / values at k0 + t * sk, v0 + t * sv (hd floats each):
+// outputs y[j]. st: scratch of N * Tp floats holding the scores as (T, N) (Tp = T rounded up to W).
+template <int W, int N>
+FURNACE_INLINE void attend_tile(const float* const* q, const float* k0, int64_t sk, const float* v0, int64_t sv,
+                                int64_t T, int64_t hd, float* st, float* const* y, bool fetch) {
   using F = typename Vec<W>::F;
-  const int64_t Tp = (T + W - 1) / W * W, hv = hd / W * W;  // hd's whole vectors; the rest lane by lane
+  using F4 = typename Vec<4>::F;
+  const int64_t hv = hd / W * W, n = N * ((T + W - 1) / W * W);  // hd's whole vectors (the rest lane by lane)
   const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
   // The cache comes from memory (a decode step's weight stream has evicted it): without prefetches the loads wait
   // on one key at a time. Keys are fetched kAhead ahead of the scores; values during the scores, for the sum after.
-  for (int64_t t = 0; t < std::min(T, kAhead); ++t) prefetch_row(k0 + t * sk, hd);
-  for (int64_t t = 0; t < T; ++t) {  // scores: each key read once for the g queries
+  if (fetch)
+    for (int64_t t = 0; t < std::min(T, kAhead); ++t) prefetch_row(k0 + t * sk, hd);
+  for (int64_t t = 0; t < T; ++t) {  // scores: each key read once for the N queries
     const float* kt = k0 + t * sk;
-    if (t + kAhead < T) prefetch_row(kt + kAhead * sk, hd);
-    prefetch_row(v0 + t * sv, hd);
-    for (int64_t i = 0; i < g; ++i) {
-      F a{};
-      for (int64_t c = 0; c < hv; c += W) a += load<W>(q[i] + c) * load<W>(kt + c);
-      float d = hsum<W>(a);
-      for (int64_t c = hv; c < hd; ++c) d += q[i][c] * kt[c];
-      s[i * Tp + t] = d * scale;
+    if (fetch) {
+      if (t + kAhead < T) prefetch_row(kt + kAhead * sk, hd);
+      prefetch_row(v0 + t * sv, hd);
     }
-  }
-  for (int64_t i = 0; i < g; ++i) {  // softmax of each query's row, in place
-    float* si = s + i * Tp;
-    for (int64_t t = T; t < Tp; ++t) si[t] = -std::numeric_limits<float>::infinity();
-    F m = splat<W>(-std::numeric_limits<float>::infinity());
-    for (int64_t t = 0; t < Tp; t += W) {
-      const F x = load<W>(si + t);
-      m = x > m ? x : m;
-    }
-    float mx = m[0];
-    for (int l = 1; l < W; ++l) mx = m[l] > mx ? m[l] : mx;
-    for (int64_t t = 0; t < Tp; t += W) store<W>(si + t, exp_neg<W>(load<W>(si + t) - mx));
-    for (int64_t t = T; t < Tp; ++t) si[t] = 0.0f;  // the padding
-    F sum{};
-    for (int64_t t = 0; t < Tp; t += W) sum += load<W>(si + t);
-    inv[i] = 1.0f / hsum<W>(sum);
-  }
-  std::memset(acc, 0, sizeof(float) * g * hd);
-  for (int64_t t = 0; t < T; ++t) {  // weighted sum of the values: each value read once for the g queries
-    const float* vt = v0 + t * sv;
+    F a[N] = {};
     for (int64_t c = 0; c < hv; c += W) {
-      const F x = load<W>(vt + c);
-      for (int64_t i = 0; i < g; ++i) store<W>(acc + i * hd + c, load<W>(acc + i * hd + c) + s[i * Tp + t] * x);
+      const F x = load<W>(kt + c);
+      #pragma GCC unroll 4
+      for (int j = 0; j < N; ++j) a[j] += load<W>(q[j] + c) * x;
     }
-    for (int64_t c = hv; c < hd; ++c)
-      for (int64_t i = 0; i < g; ++i) acc[i * hd + c] += s[i * Tp + t] * vt[c];
+    if constexpr (N == 4) {  // the four sums side by side: halves folded to 4 lanes, then two pairwise adds
+      F4 b[4];
+      #pragma GCC unroll 4
+      for (int j = 0; j < 4; ++j) b[j] = fold<W, 4, false>(a[j]);
+      const F4 h01 = __builtin_shufflevector(b[0], b[1], 0, 2, 4, 6) + __builtin_shufflevector(b[0], b[1], 1, 3, 5, 7);
+      const F4 h23 = __builtin_shufflevector(b[2], b[3], 0, 2, 4, 6) + __builtin_shufflevector(b[2], b[3], 1, 3, 5, 7);
+      F4 r = __builtin_shufflevector(h01, h23, 0, 2, 4, 6) + __builtin_shufflevector(h01, h23, 1, 3, 5, 7);
+      for (int64_t c = hv; c < hd; ++c)
+        #pragma GCC unroll 4
+        for (int j = 0; j < 4; ++j) r[j] += q[j][c] * kt[c];
+      store<4>(st + 4 * t, r * scale);
+    } else {
+      float d = hsum<W>(a[0]);
+      for (int64_t c = hv; c < hd; ++c) d += q[0][c] * kt[c];
+      st[t] = d * scale;
+    }
   }
-  for (int64_t i = 0; i < g; ++i)
-    for (int64_t c = 0; c < hd; ++c) y[i][c] = acc[i * hd + c] * inv[i];
+  // softmax of each query's scores (lane j of every N: query j), max-subtracted, in fp32
+  for (int64_t i = N * T; i < n; ++i) st[i] = -std::numeric_limits<float>::infinity();  // the padding
+  F m = splat<W>(-std::numeric_limits<float>::infinity());
+  for (int64_t i = 0; i < n; i += W) {
+    const F x = load<W>(st + i);
+    m = x > m ? x : m;
+  }
+  const typename Vec<N>::F mx = fold<W, N, true>(m);
+  F mxs;  // mx repeated over W lanes
+  for (int l = 0; l < W; ++l) mxs[l] = mx[l % N];
+  for (int64_t i = 0; i < n; i += W) store<W>(st + i, exp_neg<W>(load<W>(st + i) - mxs));
+  for (int64_t i = N * T; i < n; ++i) st[i] = 0.0f;
+  F sum{};
+  for (int64_t i = 0; i < n; i += W) sum += load<W>(st + i);
+  const typename Vec<N>::F inv = 1.0f / fold<W, N, false>(sum);
+  for (int64_t c = 0; c < hv; c += W) {  // weighted sum of the values, W lanes of head_dim at a time
+    F acc[N] = {};
+    for (int64_t t = 0; t < T; ++t) {
+      const F x = load<W>(v0 + t * sv + c);
+      #pragma GCC unroll 4
+      for (int j = 0; j < N; ++j) acc[j] += st[N * t + j] * x;
+    }
+    #pragma GCC unroll 4
+    for (int j = 0; j < N; ++j) store<W>(y[j] + c, acc[j] * inv[j]);
+  }
+  for (int64_t c = hv; c < hd; ++c) {
+    float acc[N] = {};
+    for (int64_t t = 0; t < T; ++t)
+      #pragma GCC unroll 4
+      for (int j = 0; j < N; ++j) acc[j] += st[N * t + j] * v0[t * sv + c];
+    #pragma GCC unroll 4
+    for (int j = 0; j < N; ++j) y[j][c] = acc[j] * inv[j];
+  }
+}
+
+// One kv head of one sequence: its g query heads q[i], 4 at a time, then one by one; st: 4 * Tp floats.
+template <int W>
+FURNACE_INLINE void attend_head(const float* const* q, int64_t g, const float* k0, int64_t sk, const float* v0,
+                                int64_t sv, int64_t T, int64_t hd, float* st, float* const* y) {
+  int64_t i = 0;
+  for (; i + 4 <= g; i += 4) attend_tile<W, 4>(q + i, k0, sk, v0, sv, T, hd, st, y + i, i == 0);
+  for (; i < g; ++i) attend_tile<W, 1>(q + i, k0, sk, v0, sv, T, hd, st, y + i, i == 0);
 }
 
 struct Args {
@@ -157,7 +209,7 @@ struct Args {
 template <int W>
 FURNACE_INLINE void attend_range(const Args& a, int64_t b0, int64_t b1) {
   const int64_t g = a.H / a.Hkv, Tp = (a.T + W - 1) / W * W;
-  std::vector<float> scratch(g * Tp + g * a.hd + g);
+  std::vector<float> scratch(4 * Tp);
   std::vector<const float*> qs(g);
   std::vector<float*> ys(g);
   for (int64_t bh = b0; bh < b1; ++bh) {
@@ -167,7 +219,7 @@ FURNACE_INLINE void attend_range(const Args& a, int64_t b0, int64_t b1) {
       ys[i] = a.y + (b * a.H + h * g + i) * a.hd;
     }
     attend_head<W>(qs.data(), g, a.k + b * a.sk0 + h * a.sk2, a.sk1, a.v + b * a.sv0 + h * a.sv2, a.sv1, a.T, a.hd,
-                   scratch.data(), scratch.data() + g * Tp, scratch.data() + g * Tp + g * a.hd, ys.data());
+                   scratch.data(), ys.data());
   }
 }
 
