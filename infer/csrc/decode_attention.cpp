@@ -25,6 +25,12 @@
 
 #pragma GCC diagnostic ignored "-Wpsabi"  // vectors passed between always-inlined helpers: no ABI boundary
 
+#ifdef __has_builtin
+#if __has_builtin(__builtin_shufflevector)  // GCC >= 12, clang; older compilers add the lanes one by one
+#define FURNACE_SHUFFLEVECTOR 1
+#endif
+#endif
+
 namespace {
 
 #define FURNACE_INLINE __attribute__((always_inline)) inline
@@ -142,9 +148,14 @@ FURNACE_INLINE void attend_tile(const float* const* q, const float* k0, int64_t 
       F4 b[4];
       #pragma GCC unroll 4
       for (int j = 0; j < 4; ++j) b[j] = fold<W, 4, false>(a[j]);
+#ifdef FURNACE_SHUFFLEVECTOR
       const F4 h01 = __builtin_shufflevector(b[0], b[1], 0, 2, 4, 6) + __builtin_shufflevector(b[0], b[1], 1, 3, 5, 7);
       const F4 h23 = __builtin_shufflevector(b[2], b[3], 0, 2, 4, 6) + __builtin_shufflevector(b[2], b[3], 1, 3, 5, 7);
       F4 r = __builtin_shufflevector(h01, h23, 0, 2, 4, 6) + __builtin_shufflevector(h01, h23, 1, 3, 5, 7);
+#else
+      F4 r;
+      for (int j = 0; j < 4; ++j) r[j] = (b[j][0] + b[j][1]) + (b[j][2] + b[j][3]);
+#endif
       for (int64_t c = hv; c < hd; ++c)
         #pragma GCC unroll 4
         for (int j = 0; j < 4; ++j) r[j] += q[j][c] * kt[c];
