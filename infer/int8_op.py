@@ -1,8 +1,10 @@
-"""The C++ int8 operators, torch.compile-friendly: our int8 matmul `matmul(x, packed, n, isa)`
-(infer/csrc/int8_matvec.cpp) and FBGEMM's int8 linear `linear_op()(x, key, n)` (infer/csrc/int8_linear.cpp).
+"""The C++ CPU operators of decoding, torch.compile-friendly: our int8 matmul `matmul(x, packed, n, isa)`
+(infer/csrc/int8_matvec.cpp), FBGEMM's int8 linear `linear_op()(x, key, n)` (infer/csrc/int8_linear.cpp) and the
+one-query attention of a decode step `decode_attention(q, k, v, isa)` (infer/csrc/decode_attention.cpp).
 
 Our matmul takes a plain int8 tensor (packed by infer.quant.pack_rows); `native_isas()` lists the instruction sets of
 its kernels this CPU runs (avx512_vnni, avx2), empty without the C++ build (FBGEMM then does the work).
+`attention_isa()`: the decode attention's instruction set here (None without the C++ build: SDPA then).
 
 FBGEMM keeps packed int8 weights in a TorchScript object that torch.compile cannot pass through a graph, so the
 packed weights live in numbered slots (`hold` -> key, `release(key)`) and the operator takes the key. Two
@@ -24,8 +26,10 @@ from pathlib import Path
 import torch
 
 log = logging.getLogger("furnace")
-CSRC = [Path(__file__).resolve().parent / "csrc" / f for f in ("int8_linear.cpp", "int8_matvec.cpp")]
+CSRC = [Path(__file__).resolve().parent / "csrc" / f
+        for f in ("int8_linear.cpp", "int8_matvec.cpp", "decode_attention.cpp")]
 ISAS = {"avx512_vnni": 2, "avx2": 1}   # our kernels, best first, with the code furnace_int8::matmul takes
+ATTENTION_ISAS = {"avx512": 2, "avx2": 1, "portable": 0}   # furnace_int8::decode_attention's, the same codes
 
 _py_slots: dict[int, object] = {}
 _py_keys = itertools.count()
@@ -50,6 +54,10 @@ def _fake_matmul(x, w, n, isa):
     return x.new_empty(x.shape[0], n)
 
 
+def _fake_attention(q, k, v, isa):
+    return q.new_empty(q.shape)
+
+
 @functools.lru_cache(maxsize=None)
 def backend() -> str:
     """'cpp' when the C++ operator builds and loads, else 'python' (logged once with the reason)."""
@@ -61,6 +69,7 @@ def backend() -> str:
             load(name="furnace_int8", sources=[str(c) for c in CSRC], is_python_module=False, extra_cflags=["-O2"])
             torch.library.register_fake("furnace_int8::linear")(_fake_linear)
             torch.library.register_fake("furnace_int8::matmul")(_fake_matmul)
+            torch.library.register_fake("furnace_int8::decode_attention")(_fake_attention)
             log.info("int8: FBGEMM through the furnace_int8 C++ operator")
             return "cpp"
         except Exception as e:  # no compiler or ninja, a header change in another PyTorch, ...
@@ -103,3 +112,31 @@ def native_isas() -> tuple[str, ...]:
 def matmul(x: torch.Tensor, packed: torch.Tensor, n: int, isa: str) -> torch.Tensor:
     """x (M, K) fp32 -> (M, n) fp32 with weights packed by infer.quant.pack_rows, on `isa`'s kernel."""
     return torch.ops.furnace_int8.matmul.default(x, packed, n, ISAS[isa])
+
+
+@functools.lru_cache(maxsize=None)
+def attention_isas() -> tuple[str, ...]:
+    """Instruction sets of our decode attention that this CPU runs, best first (the int8 matmul's detection: avx512
+    with AVX-512 VNNI, avx2 with AVX2 + FMA, portable always); () without the C++ operators."""
+    if backend() != "cpp":
+        return ()
+    level = int(torch.ops.furnace_int8.cpu_isa())
+    return tuple(name for name, code in ATTENTION_ISAS.items() if code <= level)
+
+
+@functools.lru_cache(maxsize=None)
+def attention_isa() -> str | None:
+    """The decode attention's instruction set for this process (logged once); None: SDPA (no C++ operators)."""
+    isas = attention_isas()
+    if not isas:
+        log.info("attention: one-query decode steps through SDPA (no C++ operators)")
+        return None
+    log.info(f"attention: one-query decode steps through our C++ kernel ({isas[0]}); prefill and batched rows "
+             "through SDPA")
+    return isas[0]
+
+
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, isa: str) -> torch.Tensor:
+    """q (B, H, hd) fp32 against all T positions of k, v (B, T, Hkv, hd) fp32 (a cache's views, read in place; GQA:
+    query head h uses kv head h // (H // Hkv)) -> (B, H, hd): SDPA's result for one query, on `isa`'s kernel."""
+    return torch.ops.furnace_int8.decode_attention.default(q, k, v, ATTENTION_ISAS[isa])

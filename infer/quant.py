@@ -181,7 +181,8 @@ def _float_linear(weight: torch.Tensor) -> nn.Linear:
 
 
 class FusedAttention(Attention):
-    """Attention whose q|k|v is one linear (stacked rows: the same numbers; int8 scales are per row)."""
+    """Attention whose q|k|v is one linear (stacked rows: the same numbers; int8 scales are per row), and whose
+    one-query decode steps on CPU (fp32) go through our C++ attention kernel (infer/int8_op.py) instead of SDPA."""
 
     def __init__(self, attn: Attention, make_linear):
         nn.Module.__init__(self)
@@ -189,10 +190,20 @@ class FusedAttention(Attention):
         if attn.cfg.qk_norm:
             self.q_norm, self.k_norm = attn.q_norm, attn.k_norm
         self.qkv_proj = make_linear(torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]))  # (d+2kv, d)
+        # avx512 | avx2 | portable, or None (SDPA): chosen once per process; tests set it per module.
+        self.attention_isa = int8_op.attention_isa() if attn.o_proj.weight.device.type == "cpu" else None
 
     def project(self, x):
         kv_dim = self.cfg.n_kv_head * self.cfg.head_dim
         return self.qkv_proj(x).split([self.cfg.n_embd, kv_dim, kv_dim], dim=-1)   # (B, T, d), (B, T, kv) x 2
+
+    def attend(self, q, k, v, doc_ids=None):
+        B, T, H, hd = q.shape
+        if (self.attention_isa is not None and T == 1 and doc_ids is None and q.device.type == "cpu"
+                and q.dtype == k.dtype == torch.float32):
+            y = int8_op.decode_attention(q.reshape(B, H, hd), k, v, self.attention_isa)   # (B, H, hd)
+            return y.view(B, 1, H, hd)
+        return super().attend(q, k, v, doc_ids)
 
 
 class FusedMLP(MLP):

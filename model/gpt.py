@@ -117,12 +117,16 @@ class Attention(nn.Module):
             return self.o_proj(y.reshape(B, T, cfg.n_embd))
         if cache is not None:
             k, v = cache.write(self.layer, k, v)                       # (B, pos+T, Hkv, hd) each
-        y = causal_attention(q, k, v, doc_ids)                         # (B, T, H, hd)
+        y = self.attend(q, k, v, doc_ids)                              # (B, T, H, hd)
         return self.o_proj(y.reshape(B, T, cfg.n_embd))
 
     def project(self, x):
         """x (B, T, d) -> q (B, T, d), k and v (B, T, kv_dim). infer.quant swaps in a fused subclass."""
         return self.q_proj(x), self.k_proj(x), self.v_proj(x)
+
+    def attend(self, q, k, v, doc_ids=None):
+        """causal_attention; infer.quant's subclass takes one-query decode steps to a C++ kernel on CPU."""
+        return causal_attention(q, k, v, doc_ids)
 
 
 def _rope(x, cos, sin, impl):
