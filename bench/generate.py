@@ -34,12 +34,13 @@ def matvec_gbps(mode: str = "fp32", mib: int = 256, reps: int = 20) -> float:
     import torch
     import torch.nn.functional as F
 
-    from infer.quant import Int8Linear
+    from infer.quant import Int8Linear, huge_page_weights
     elem = {"fp32": 4, "bf16": 2, "int8": 1}[mode]
     n = int((mib * 2**20 / elem) ** 0.5)
     w = torch.randn(n, n)
     if mode == "int8":
         lin, x = Int8Linear(w), torch.randn(1, n)
+        huge_page_weights(lin)  # where a quantized model's weights live
     else:
         dt = torch.float32 if mode == "fp32" else torch.bfloat16
         w, x = w.to(dt), torch.randn(1, n, dtype=dt)
