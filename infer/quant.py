@@ -30,7 +30,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from infer import int8_op
-from kernels.common import FurnaceError
+from kernels.common import FurnaceError, log_once
 from model.gpt import GPT, MLP, Attention
 
 log = logging.getLogger("furnace")
@@ -271,8 +271,12 @@ def huge_page_weights(model: nn.Module) -> int:
     sizes = [-(-m.packed.numel() // 64) * 64 for m in mods]                # 64-byte aligned slots
     total = -(-sum(sizes) // HUGE_PAGE) * HUGE_PAGE
     # private (a shared anonymous mapping is shmem, whose huge pages are a separate, usually disabled, setting)
-    region = mmap.mmap(-1, total + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)  # + room to align
-    region.madvise(mmap.MADV_HUGEPAGE)
+    try:
+        region = mmap.mmap(-1, total + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)  # + room to align
+        region.madvise(mmap.MADV_HUGEPAGE)
+    except OSError as e:  # a kernel built without transparent huge pages refuses the advice (EINVAL)
+        log_once(f"int8: packed weights stay in 4 KB pages (madvise MADV_HUGEPAGE: {e.strerror})")
+        return 0
     buf = torch.frombuffer(region, dtype=torch.int8)                       # keeps `region` alive
     start = -buf.data_ptr() % HUGE_PAGE
     with torch.no_grad():
@@ -281,22 +285,6 @@ def huge_page_weights(model: nn.Module) -> int:
             slot.copy_(m.packed)
             m.packed = nn.Parameter(slot, requires_grad=False)
             start += size
-    _log_huge_pages(sum(sizes))
-    return sum(sizes)
-
-
-@functools.lru_cache(maxsize=None)
-def _log_huge_pages(n: int) -> None:
     mode = THP_FILE.read_text().split("[")[-1].split("]")[0] if THP_FILE.is_file() else "unknown"
-    log.info(f"int8: packed weights ({n / 1e6:.0f} MB) in a 2 MB-page mapping (transparent huge pages: {mode})")
-
-
-def weight_bytes_per_token(model: nn.Module) -> int:
-    """Bytes of matmul weights read per decoded token (the LM head included, the embedding lookup not)."""
-    total = 0
-    for name, m in model.named_modules():
-        if isinstance(m, Int8Linear):
-            total += m.qweight.numel() + m.scale.numel() * 4
-        elif isinstance(m, nn.Linear):
-            total += m.weight.numel() * m.weight.element_size()
-    return total
+    log_once(f"int8: packed weights in a 2 MB-page mapping (transparent huge pages: {mode})")
+    return sum(sizes)

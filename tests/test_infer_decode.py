@@ -79,22 +79,29 @@ def test_our_int8_matmul_matches_the_integer_reference(isa, M, N, K):
     assert torch.equal(lin(x[1:2]), y[1:2])                             # each row alone = in a batch
 
 
+def _int8_child(code: str, tmp_path, w, x, **env) -> tuple[subprocess.CompletedProcess, torch.Tensor | None]:
+    """Run `code` in a fresh process with `env` set (the process-wide int8 choices are made once per process):
+    argv = repo root, a file holding {"w", "x"}, the file to save its output to -> (the run, its output or None)."""
+    torch.save({"w": w, "x": x}, tmp_path / "wx.pt")
+    out = tmp_path / "y.pt"
+    out.unlink(missing_ok=True)
+    r = subprocess.run([sys.executable, "-c", code, str(ROOT), str(tmp_path / "wx.pt"), str(out)],
+                       env={**os.environ, **env}, capture_output=True, text=True, timeout=120)
+    return r, (torch.load(out) if out.is_file() else None)
+
+
 def test_int8_kernel_switch(tmp_path):
     """FURNACE_INT8_KERNEL forces a path (the fallback included) for every Int8Linear of the process."""
     torch.manual_seed(3)
     w, x = torch.randn(96, 80), torch.randn(2, 80)
-    torch.save({"w": w, "x": x}, tmp_path / "wx.pt")
     code = ("import sys, torch; sys.path.insert(0, sys.argv[1]); from infer.quant import Int8Linear; "
             "d = torch.load(sys.argv[2]); lin = Int8Linear(d['w']); print(lin.backend); "
             "torch.save(lin(d['x']), sys.argv[3])")
     for kernel in (*ISAS, "fbgemm"):
-        env = {**os.environ, "FURNACE_INT8_KERNEL": kernel}
-        r = subprocess.run([sys.executable, "-c", code, str(ROOT), str(tmp_path / "wx.pt"), str(tmp_path / "y.pt")],
-                           env=env, capture_output=True, text=True, timeout=120)
+        r, y = _int8_child(code, tmp_path, w, x, FURNACE_INT8_KERNEL=kernel)
         assert r.returncode == 0 and r.stdout.split() == [kernel], r.stderr
-        assert torch.equal(torch.load(tmp_path / "y.pt"), Int8Linear(w, backend=kernel)(x))
-    r = subprocess.run([sys.executable, "-c", code, str(ROOT), str(tmp_path / "wx.pt"), str(tmp_path / "y.pt")],
-                       env={**os.environ, "FURNACE_INT8_KERNEL": "avx9"}, capture_output=True, text=True, timeout=120)
+        assert torch.equal(y, Int8Linear(w, backend=kernel)(x))
+    r, _ = _int8_child(code, tmp_path, w, x, FURNACE_INT8_KERNEL="avx9")
     assert r.returncode != 0 and "FURNACE_INT8_KERNEL=avx9: expected one of auto, avx512_vnni, avx2, fbgemm" in r.stderr
 
 
@@ -137,16 +144,13 @@ def test_released_slot_errors_and_is_reused():
 def test_python_operator_fallback_gives_the_same_numbers(tmp_path):
     torch.manual_seed(1)
     w, x = torch.randn(24, 40), torch.randn(3, 40)
-    torch.save({"w": w, "x": x}, tmp_path / "wx.pt")
     code = ("import sys, torch; sys.path.insert(0, sys.argv[1]); from infer import int8_op; "
             "from infer.quant import Int8Linear; d = torch.load(sys.argv[2]); "
             "lin = Int8Linear(d['w']); assert int8_op.backend() == 'python' and lin.backend == 'fbgemm'; "
             "torch.save(lin(d['x']), sys.argv[3])")
-    env = {**os.environ, "FURNACE_NO_CPP_OPS": "1"}
-    r = subprocess.run([sys.executable, "-c", code, str(ROOT), str(tmp_path / "wx.pt"), str(tmp_path / "y.pt")],
-                       env=env, capture_output=True, text=True, timeout=120)
+    r, y = _int8_child(code, tmp_path, w, x, FURNACE_NO_CPP_OPS="1")
     assert r.returncode == 0, r.stderr
-    assert torch.equal(torch.load(tmp_path / "y.pt"), Int8Linear(w, backend="fbgemm")(x))
+    assert torch.equal(y, Int8Linear(w, backend="fbgemm")(x))
 
 
 @pytest.mark.parametrize("isa", ATTENTION_ISAS)
@@ -322,3 +326,27 @@ def test_int8_weights_in_one_huge_page_mapping(monkeypatch):
     # What the kernel did with the advice: 2 MB pages unless transparent huge pages are off here.
     mode = Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text().split("[")[1].split("]")[0]
     assert (maps[0]["AnonHugePages"] > 0) == (mode != "never"), (mode, maps[0])
+
+
+def test_int8_weights_stay_put_where_the_kernel_refuses_huge_pages(monkeypatch, caplog):
+    # A kernel built without transparent huge pages answers madvise(MADV_HUGEPAGE) with EINVAL: quantize still works.
+    import errno
+    import mmap
+
+    import infer.quant as quant
+
+    class NoTHP(mmap.mmap):
+        def madvise(self, *args):
+            raise OSError(errno.EINVAL, "Invalid argument")
+
+    model = random_model(n_layer=2, n_embd=128, n_head=4, n_kv_head=2, vocab_size=1000)
+    plain = quantize(copy.deepcopy(model), "int8")
+    monkeypatch.setattr(quant.mmap, "mmap", NoTHP)
+    with caplog.at_level(logging.INFO, logger="furnace"):
+        quantize(model, "int8")
+        assert huge_page_weights(model) == 0
+    x = torch.randint(0, 1000, (1, 7))
+    with torch.no_grad():
+        assert torch.equal(model(x)[0], plain(x)[0])
+    if ISAS:
+        assert "stay in 4 KB pages (madvise MADV_HUGEPAGE: Invalid argument)" in caplog.text
