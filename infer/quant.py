@@ -288,3 +288,14 @@ def huge_page_weights(model: nn.Module) -> int:
     mode = THP_FILE.read_text().split("[")[-1].split("]")[0] if THP_FILE.is_file() else "unknown"
     log_once(f"int8: packed weights in a 2 MB-page mapping (transparent huge pages: {mode})")
     return sum(sizes)
+
+
+def weight_bytes_per_token(model: nn.Module) -> int:
+    """Bytes of matmul weights read per decoded token (the LM head included, the embedding lookup not)."""
+    total = 0
+    for name, m in model.named_modules():
+        if isinstance(m, Int8Linear):
+            total += m.qweight.numel() + m.scale.numel() * 4
+        elif isinstance(m, nn.Linear):
+            total += m.weight.numel() * m.weight.element_size()
+    return total
